@@ -1,0 +1,43 @@
+# One command each: `make serve` starts the server, `make test` runs the tests.
+# Both create .venv at the repository root when missing and install what they need.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
+# The one install recipe, shared with docker/Dockerfile (tests/test_docker.py compares them).
+SERVE_REQS := -e ./client -e ./service
+TEST_REQS := -e './client[torch,progress]' -e './service[test]'
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: serve test lint check bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.serve: $(BIN)/python constraints.txt client/pyproject.toml service/pyproject.toml
+	$(PIP) $(SERVE_REQS)
+	touch $@
+
+$(VENV)/.test: $(VENV)/.serve
+	$(PIP) $(TEST_REQS)
+	touch $@
+
+serve: $(VENV)/.serve
+	$(BIN)/gradweight-server --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.test
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+check: test lint
+
+bench: $(VENV)/.test
+	$(BIN)/python bench/engine.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

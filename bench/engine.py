@@ -1,0 +1,184 @@
+"""Engine benchmark: our gram/combine passes against the seed's implementation and torchjd's UPGrad.
+
+For 1M, 10M and 50M float32 parameters per group (about 100 tensors per group) it prints the median time
+of repeated runs after a warm-up and the peak extra memory (RSS high-water mark over the inputs, measured
+in a fresh subprocess per case), with ratios against ours. `--plot out.png` also draws the table.
+
+    .venv/bin/python bench/engine.py [--sizes 1e6 1e7 5e7] [--repeat 7] [--device cpu|cuda] [--plot f.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+IMPLS = ("ours", "ours_into", "seed", "torchjd_upgrad")
+
+
+def make_lists(numel: int, n_tensors: int, device: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    sizes = [numel // n_tensors] * n_tensors
+    sizes[-1] += numel - sum(sizes)
+    forget = [torch.randn(s, generator=gen).to(device) for s in sizes]
+    retain = [(torch.randn(s, generator=gen) - 0.3 * f.cpu()).to(device) for s, f in zip(sizes, forget)]
+    return forget, retain
+
+
+def seed_munba(forget: list[torch.Tensor], retain: list[torch.Tensor]) -> torch.Tensor:
+    """The seed's GradientWeightingMethodMunba.weight_grads as its source writes it."""
+    g = torch.stack([torch.cat([t.view(-1) for t in retain]), torch.cat([t.view(-1) for t in forget])])
+    k = g @ g.T
+    k11, k12, k22 = k[0, 0], k[0, 1], k[1, 1]
+    alpha_retain = torch.sqrt((2 * k11 * k22 + k12 * torch.sqrt(k11 * k22)) / (k11**2 * k22 - k11 * k12**2))
+    alpha_forget = (1 - k11 * alpha_retain**2) / (k12 * alpha_retain)
+    alpha = torch.tensor([alpha_retain, alpha_forget]).reshape(2, 1).to(g.device)
+    return g.T @ alpha
+
+
+def implementation(name: str, forget: list[torch.Tensor], retain: list[torch.Tensor]) -> Callable[[], Any]:
+    if name.startswith("ours"):
+        from gradweight.methods import Munba
+        from gradweight_server.engine import run
+
+        groups = {"retain": retain, "forget": forget}
+        if name == "ours":
+            return lambda: run(Munba(), groups).flat
+        out = torch.empty(sum(t.numel() for t in forget), device=forget[0].device)
+        return lambda: run(Munba(), groups, out=out).flat
+    if name == "seed":
+        return lambda: seed_munba(forget, retain)
+    if name == "torchjd_upgrad":
+        from torchjd.aggregation import UPGrad
+
+        agg = UPGrad()
+        return lambda: agg(
+            torch.stack([torch.cat([t.view(-1) for t in retain]), torch.cat([t.view(-1) for t in forget])])
+        )
+    raise ValueError(name)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(name: str, numel: int, n_tensors: int, repeat: int, device: str) -> dict[str, float]:
+    """One case, in this (fresh) process: peak extra memory of the first call, then median time."""
+    forget, retain = make_lists(numel, n_tensors, device)
+    fn = implementation(name, forget, retain)
+    sync(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out = fn()
+    sync(device)
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    del out
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return {
+        "ms": statistics.median(times) * 1e3,
+        "peak_mb": max(peak, 0) / 2**20,
+        "out_mb": numel * 4 / 2**20,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7, 5e7])
+    ap.add_argument("--tensors", type=int, default=100)
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    ap.add_argument("--plot", help="write a PNG of the timings (needs matplotlib)")
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.case:
+        name, numel = args.case.split(":")
+        print(json.dumps(measure(name, int(numel), args.tensors, args.repeat, args.device)))
+        return
+
+    rows: list[dict[str, Any]] = []
+    for size in args.sizes:
+        numel = int(size)
+        results = {}
+        for name in args.impls:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--case",
+                f"{name}:{numel}",
+                "--tensors",
+                str(args.tensors),
+                "--repeat",
+                str(args.repeat),
+                "--device",
+                args.device,
+            ]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                print(f"{name} at {numel}: failed\n{done.stderr[-800:]}", file=sys.stderr)
+                continue
+            results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append({"numel": numel, **results})
+
+    print(
+        f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
+        f"tensors/group={args.tensors} repeat={args.repeat} (median ms; peak extra MiB over inputs)"
+    )
+    header = f"{'params/group':>12} {'impl':>15} {'ms':>9} {'x ours':>7} {'peak MiB':>9} {'peak/out':>8}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        ours = row.get("ours", {}).get("ms", math.nan)
+        for name in args.impls:
+            if name not in row:
+                continue
+            r = row[name]
+            print(
+                f"{row['numel']:>12,} {name:>15} {r['ms']:>9.1f} {r['ms'] / ours:>7.2f} "
+                f"{r['peak_mb']:>9.1f} {r['peak_mb'] / r['out_mb']:>8.2f}"
+            )
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name in args.impls:
+            xs = [r["numel"] for r in rows if name in r]
+            ax.plot(xs, [r[name]["ms"] for r in rows if name in r], marker="o", label=name)
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="parameters per group",
+            ylabel="median ms",
+            title=f"munba step on {args.device}",
+        )
+        ax.legend()
+        fig.savefig(args.plot, dpi=120, bbox_inches="tight")
+        print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

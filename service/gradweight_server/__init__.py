@@ -1,0 +1,1 @@
+"""gradweight server."""

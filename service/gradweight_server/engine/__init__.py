@@ -1,0 +1,7 @@
+"""The weighting engine: gram -> weights (one file per method) kept apart from the two tensor passes."""
+
+from .core import Outcome, order_groups, run
+from .device import resolve_device
+from .weights import check_gram, weights_from_gram
+
+__all__ = ["Outcome", "check_gram", "order_groups", "resolve_device", "run", "weights_from_gram"]

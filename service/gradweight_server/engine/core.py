@@ -1,0 +1,130 @@
+"""One weighting step: validate, gram (when the method needs it), weights, combine, check."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from gradweight.errors import Degenerate, InvalidGradients, InvalidMethod, NonFinite
+from gradweight.methods import MethodSpec
+
+from .methods import weighting
+from .passes import combine, gram, has_non_finite
+from .validate import check_groups
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a step produced; `flat` is the combined gradient (a view of `out` when one was given)."""
+
+    weights: dict[str, float]
+    gram: list[list[float]] | None
+    flat: torch.Tensor
+    state: Any | None = None
+
+
+def order_groups(
+    spec: MethodSpec, groups: Mapping[str, Sequence[torch.Tensor]]
+) -> dict[str, Sequence[torch.Tensor]]:
+    """Groups in the method's gram order; checks the count and, for the pair methods, the names."""
+    n = len(groups)
+    if spec.group_names is not None:
+        unknown = sorted(set(groups) - set(spec.group_names))
+        missing = [g for g in spec.group_names if g not in groups]
+        if unknown:
+            raise InvalidGradients(
+                f"method {spec.name!r} takes groups {list(spec.group_names)}, got {unknown}"
+            )
+        if spec.min_groups >= len(spec.group_names) and missing:
+            raise InvalidGradients(f"method {spec.name!r} needs group {missing[0]!r}")
+        if "forget" in spec.group_names and "forget" not in groups:
+            raise InvalidGradients(f"method {spec.name!r} needs group 'forget'")
+        return {g: groups[g] for g in spec.group_names if g in groups}
+    if n < spec.min_groups or (spec.max_groups is not None and n > spec.max_groups):
+        most = spec.max_groups if spec.max_groups is not None else "any"
+        raise InvalidGradients(f"method {spec.name!r} takes {spec.min_groups} to {most} groups, got {n}")
+    return dict(groups)
+
+
+def run(
+    spec: MethodSpec,
+    groups: Mapping[str, Sequence[torch.Tensor]],
+    *,
+    keys: Sequence[str] | None = None,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    state: Any | None = None,
+) -> Outcome:
+    """Combine the groups' gradients with `spec`'s weights into one flat tensor.
+
+    Raises InvalidGradients, NonFinite or Degenerate (gradweight.errors); never returns a non-finite result.
+    """
+    ordered = order_groups(spec, groups)
+    names = list(ordered)
+    first = next(iter(ordered.values()))
+    keys = list(keys) if keys is not None else [str(i) for i in range(len(first))]
+    dtype = check_groups(ordered, keys)
+    out_dtype = out_dtype or (out.dtype if out is not None else dtype)
+    numel = sum(t.numel() for t in first)
+    if out is None:
+        out = torch.empty(numel, dtype=out_dtype, device=first[0].device)
+    elif out.shape != (numel,) or out.dtype != out_dtype or out.device != first[0].device:
+        raise ValueError(f"out must be a flat {out_dtype} tensor of {numel} elements on {first[0].device}")
+
+    tensors = list(ordered.values())
+    k_matrix: torch.Tensor | None = None
+    if spec.needs_gram:
+        k_matrix, diag = gram(tensors)
+        if not bool(torch.isfinite(diag).all()):
+            _raise_non_finite(ordered, keys, diag)
+    try:
+        w, new_state = weighting(spec)(spec, k_matrix, names, state)
+    except (Degenerate, InvalidMethod, InvalidGradients):
+        raise
+    except (ValueError, RuntimeError, ArithmeticError) as exc:
+        raise Degenerate(f"{spec.name}: {exc}") from None
+    if not bool(torch.isfinite(w).all()):
+        raise Degenerate(f"{spec.name}: the weights are not finite for these gradients")
+    weights = [float(v) for v in w]
+    active = [(t, wt) for t, wt in zip(tensors, weights) if wt != 0.0] or [(tensors[0], 0.0)]
+    combine([t for t, _ in active], [wt for _, wt in active], out)
+
+    if k_matrix is None or _may_overflow(k_matrix, weights, out_dtype):
+        _check_output(ordered, keys, out)
+    return Outcome(
+        weights=dict(zip(names, weights)),
+        gram=k_matrix.tolist() if k_matrix is not None else None,
+        flat=out,
+        state=new_state,
+    )
+
+
+def _may_overflow(k_matrix: torch.Tensor, weights: Sequence[float], dtype: torch.dtype) -> bool:
+    """|out_i| <= sum_j |w_j| |g_j|, so a result below the dtype's range needs no check."""
+    bound = sum(abs(w) * math.sqrt(v) for w, v in zip(weights, torch.diagonal(k_matrix).tolist()))
+    return bound >= float(torch.finfo(dtype).max) / 2
+
+
+def _raise_non_finite(
+    groups: Mapping[str, Sequence[torch.Tensor]], keys: Sequence[str], diag: torch.Tensor
+) -> None:
+    for row, key in enumerate(keys):
+        for col, (name, tensors) in enumerate(groups.items()):
+            if not bool(torch.isfinite(diag[row, col])) and has_non_finite(tensors[row]):
+                raise NonFinite(f"group {name!r} key {key!r} contains NaN or infinity")
+    raise Degenerate("a gradient's squared norm overflows its accumulation dtype; scale the loss down")
+
+
+def _check_output(
+    groups: Mapping[str, Sequence[torch.Tensor]], keys: Sequence[str], out: torch.Tensor
+) -> None:
+    if not has_non_finite(out):
+        return
+    for row, key in enumerate(keys):
+        for name, tensors in groups.items():
+            if has_non_finite(tensors[row]):
+                raise NonFinite(f"group {name!r} key {key!r} contains NaN or infinity")
+    raise Degenerate(f"the weighted sum overflows {out.dtype}")
