@@ -1,0 +1,81 @@
+"""Gram mode's local half: float64-accumulated gram and the weighted sum, for torch and numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gradweight import gram as G
+from gradweight.tensors import as_group
+
+
+def _groups(rng: np.random.Generator, k: int, dtype: type = np.float32) -> list[list[np.ndarray]]:
+    shapes = [(5, 3), (7,), (2, 2, 2)]
+    return [[rng.standard_normal(s).astype(dtype) for s in shapes] for _ in range(k)]
+
+
+def test_gram_matches_float64_reference(rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(G, "SLICE", 4)  # exercise slicing on small inputs
+    raw = _groups(rng, 3)
+    flat = np.stack([np.concatenate([a.reshape(-1) for a in g]).astype(np.float64) for g in raw])
+    want = flat @ flat.T
+    for conv in (lambda a: a, torch.from_numpy):
+        got = G.gram([as_group([conv(a) for a in g], "g") for g in raw])
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+        assert got[0][1] == got[1][0]
+
+
+def test_gram_float32_accumulates_in_float64(rng: np.random.Generator) -> None:
+    # 1e6 + many small numbers: float32 accumulation would lose them
+    a = np.concatenate([[1e3], rng.uniform(0.5, 1.5, 200_000)]).astype(np.float32)
+    got = G.gram([as_group([torch.from_numpy(a)], "x")])[0][0]
+    want = float(np.dot(a.astype(np.float64), a.astype(np.float64)))
+    assert abs(got - want) / want < 1e-12
+
+
+def test_gram_shape_mismatch() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        G.gram([as_group([np.ones(3)], "a"), as_group([np.ones(4)], "b")])
+
+
+@pytest.mark.parametrize("layout", ["flat", "params"])
+@pytest.mark.parametrize("torch_in", [False, True])
+def test_local_combine(rng: np.random.Generator, layout: str, torch_in: bool) -> None:
+    raw = _groups(rng, 2, np.float64)
+    w = [0.3, -1.7]
+    groups = [as_group([torch.from_numpy(a) if torch_in else a for a in g], "g") for g in raw]
+    flat, per_key = G.combine(groups, w, layout=layout, dtype=None)
+    want = [w[0] * a + w[1] * b for a, b in zip(raw[0], raw[1], strict=True)]
+    if layout == "flat":
+        got = np.asarray(flat)
+        np.testing.assert_allclose(got, np.concatenate([x.reshape(-1) for x in want]), rtol=1e-14)
+    else:
+        assert flat is None
+        assert list(per_key) == ["0", "1", "2"]
+        for k, x in zip(per_key, want, strict=True):
+            assert tuple(per_key[k].shape) == x.shape
+            np.testing.assert_allclose(np.asarray(per_key[k]), x, rtol=1e-14)
+
+
+def test_local_combine_half_and_dtype(rng: np.random.Generator) -> None:
+    a = torch.randn(100, dtype=torch.float16)
+    b = torch.randn(100, dtype=torch.float16)
+    flat, _ = G.combine([as_group([a], "a"), as_group([b], "b")], [0.5, 0.25], layout="flat", dtype="float32")
+    assert flat.dtype == torch.float32
+    torch.testing.assert_close(flat, 0.5 * a.float() + 0.25 * b.float())
+    flat, _ = G.combine([as_group([a], "a"), as_group([b], "b")], [0.5, 0.25], layout="flat", dtype=None)
+    assert flat.dtype == torch.float16
+
+
+def test_gram_and_combine_bfloat16(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(G, "SLICE", 8)
+    a = [torch.randn(5, 7).bfloat16(), torch.randn(3).bfloat16()]
+    b = [torch.randn(5, 7).bfloat16(), torch.randn(3).bfloat16()]
+    groups = [as_group(a, "a"), as_group(b, "b")]
+    fa = torch.cat([x.reshape(-1) for x in a]).double()
+    fb = torch.cat([x.reshape(-1) for x in b]).double()
+    want = [[float(fa @ fa), float(fa @ fb)], [float(fb @ fa), float(fb @ fb)]]
+    np.testing.assert_allclose(G.gram(groups), want, rtol=1e-12)
+    flat, _ = G.combine(groups, [2.0, -1.0], layout="flat", dtype=None)
+    assert flat.dtype == torch.bfloat16
+    torch.testing.assert_close(flat, (2 * fa - fb).bfloat16())
