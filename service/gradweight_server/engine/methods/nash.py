@@ -20,6 +20,7 @@ TOL = 1e-10
 OPPOSED_TOL = 1e-10
 MAX_ITER = 100
 MAX_SCALED_WEIGHT = 1e5
+NEWTON_DECREMENT_TOL = 1e-12
 
 
 def residual(gram: torch.Tensor, a: torch.Tensor) -> float:
@@ -75,7 +76,9 @@ def _newton(corr: torch.Tensor) -> torch.Tensor:
         while t > 1e-12:
             candidate = b + t * step
             f_new = objective(candidate)
-            if f_new <= f + 1e-4 * t * slope:
+            # Armijo; once the Newton decrement (-slope) is below rounding of f, take the step as is:
+            # in the quadratic-convergence region a sufficient decrease is no longer measurable
+            if f_new <= f + 1e-4 * t * slope or -slope <= NEWTON_DECREMENT_TOL:
                 break
             t *= 0.5
         else:

@@ -1,0 +1,1 @@
+"""One router per area: combine, weights, and the metadata/health endpoints."""

@@ -1,0 +1,79 @@
+"""The app's shared state: settings, device, admission counters, buffer pool, metrics, the compute thread."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import torch
+from gradweight.methods import Munba
+
+from .admission import Admission
+from .engine import resolve_device, run
+from .metrics import Metrics
+from .pool import BufferPool
+from .settings import Settings
+
+log = logging.getLogger("gradweight_server")
+T = TypeVar("T")
+
+
+class Runtime:
+    """Created by the app factory; `start` runs in the lifespan, on the event loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.admission = Admission(
+            settings.max_concurrency, settings.max_inflight_bytes, settings.retry_after_s
+        )
+        self.pool = BufferPool(settings.buffer_pool_bytes)
+        self.device: torch.device | None = None
+        self.ready = False
+        self._executor: ThreadPoolExecutor | None = None
+        self._warmup: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Resolve the device now (a wrong --device fails start-up) and warm up in the background."""
+        self.device = resolve_device(self.settings.device)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradweight-compute")
+        if self.settings.warmup:
+            self._warmup = asyncio.create_task(self._warm())
+        else:
+            self.ready = True
+
+    async def stop(self) -> None:
+        if self._warmup is not None and not self._warmup.done():
+            self._warmup.cancel()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _warm(self) -> None:
+        try:
+            await self.in_worker(self._warm_sync)
+        except Exception:
+            log.exception("warm-up combine failed; /readyz stays 503")
+            return
+        self.ready = True
+        log.info("ready on %s", self.device)
+
+    def _warm_sync(self) -> None:
+        assert self.device is not None
+        gen = torch.Generator().manual_seed(0)
+        groups = {g: [torch.randn(256, generator=gen).to(self.device)] for g in ("retain", "forget")}
+        run(Munba(), groups, keys=["0"])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    async def in_worker(self, fn: Callable[[], T]) -> T:
+        """Run blocking work off the event loop on the one compute thread.
+
+        One long-lived thread, not a pool: torch gives every calling thread its own OpenMP team, and
+        idle teams spin-wait, so alternating threads starved each other (a 5 ms combine took over 1 s).
+        Admitted requests still overlap their uploads with the compute of others.
+        """
+        assert self._executor is not None, "runtime not started"
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
