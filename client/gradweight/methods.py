@@ -397,6 +397,8 @@ def parse_method(value: MethodSpec | dict[str, Any] | str | bytes) -> MethodSpec
                 value = json.loads(stripped)
             except json.JSONDecodeError as exc:
                 raise InvalidMethod(f"method spec is not valid JSON: {exc.msg}") from None
+            except (ValueError, RecursionError):  # over-long integers, nesting past the recursion limit
+                raise InvalidMethod("method spec JSON is too deep or has a number too long") from None
         else:
             value = {"name": stripped}
     if not isinstance(value, dict):
@@ -404,7 +406,8 @@ def parse_method(value: MethodSpec | dict[str, Any] | str | bytes) -> MethodSpec
     if "name" not in value:
         raise InvalidMethod("method spec lacks `name`")
     if value["name"] not in method_names():
-        raise InvalidMethod(f"unknown method {value['name']!r}; known: {', '.join(method_names())}")
+        shown = repr(value["name"])[:80]
+        raise InvalidMethod(f"unknown method {shown}; known: {', '.join(method_names())}")
     try:
         return _ADAPTER.validate_python(value)
     except ValidationError as exc:

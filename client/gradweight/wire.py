@@ -82,12 +82,15 @@ def header_length(prefix: bytes | memoryview, *, max_header: int = MAX_HEADER_BY
 
 
 def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
+    out = dict(pairs)
+    if len(out) == len(pairs):
+        return out
+    seen: set[str] = set()
+    for k, _ in pairs:
+        if k in seen:
             raise MalformedBody(f"safetensors: duplicate header entry {k[:80]!r}")
-        out[k] = v
-    return out
+        seen.add(k)
+    raise AssertionError("unreachable")
 
 
 def parse_header(raw: bytes | memoryview, total_size: int, *, max_tensors: int = 1_000_000) -> Header:

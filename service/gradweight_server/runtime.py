@@ -13,6 +13,7 @@ from gradweight.methods import Munba
 
 from .admission import Admission
 from .engine import resolve_device, run
+from .engine.methods import warm_up
 from .metrics import Metrics
 from .pool import BufferPool
 from .settings import Settings
@@ -65,6 +66,7 @@ class Runtime:
         gen = torch.Generator().manual_seed(0)
         groups = {g: [torch.randn(256, generator=gen).to(self.device)] for g in ("retain", "forget")}
         run(Munba(), groups, keys=["0"])
+        warm_up()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

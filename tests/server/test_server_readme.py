@@ -1,4 +1,4 @@
-"""service/README.md stays true: its settings table lists every setting and its curl examples run."""
+"""README.md stays true: its settings table lists every setting and its curl examples run."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import safetensors.torch as st
 from gradweight_server.settings import Settings
 from srv_util import random_groups, safetensors_body
 
-README = Path(__file__).resolve().parents[2] / "service" / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_settings_table_lists_every_setting():

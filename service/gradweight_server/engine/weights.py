@@ -18,7 +18,7 @@ def check_gram(gram: Sequence[Sequence[float]] | torch.Tensor, k: int) -> torch.
     """The gram as float64; InvalidGradients unless finite, k x k, symmetric and PSD within rounding."""
     try:
         m = torch.as_tensor(gram, dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError):
+    except (TypeError, ValueError, RuntimeError, OverflowError):
         raise InvalidGradients("gram must be a square matrix of numbers") from None
     if m.shape != (k, k):
         raise InvalidGradients(f"gram must be {k} x {k}, got shape {list(m.shape)}")

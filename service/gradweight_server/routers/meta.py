@@ -13,6 +13,7 @@ from gradweight.methods import SPEC_CLASSES
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..deps import get_runtime, require_token
+from ..engine.methods import availability
 
 router = APIRouter()
 
@@ -30,6 +31,7 @@ async def methods() -> list[dict[str, Any]]:
     out = []
     for cls in SPEC_CLASSES:
         schema = cls.model_json_schema()
+        available, reason = availability(cls)
         out.append(
             {
                 "name": cls.model_fields["name"].default,
@@ -39,6 +41,10 @@ async def methods() -> list[dict[str, Any]]:
                 "needs_gram": cls.needs_gram,
                 "groups": cls.groups_info(),
                 "stateful": cls.stateful,
+                "guarantee": cls.guarantee,
+                "requires": cls.requires,
+                "available": available,
+                "unavailable_reason": reason,
             }
         )
     return out
