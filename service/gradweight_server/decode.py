@@ -132,16 +132,22 @@ def parse_multipart(buf: bytearray, content_type: str, *, max_header: int, max_t
     return parsed
 
 
-def parse_json_body(buf: bytearray, *, max_tensors: int) -> Parsed:
+def json_object(buf: bytes | bytearray, fields: frozenset[str]) -> dict[str, Any]:
+    """A JSON body that must be an object with only the given fields; MalformedBody otherwise."""
     try:
         obj = json.loads(buf)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise MalformedBody("body is not valid UTF-8 JSON") from None
     if not isinstance(obj, dict):
         raise MalformedBody("JSON body must be an object")
-    unknown = sorted(set(obj) - JSON_FIELDS)
+    unknown = sorted(set(obj) - fields)
     if unknown:
-        raise MalformedBody(f"unknown JSON field(s) {unknown}; expected {sorted(JSON_FIELDS)}")
+        raise MalformedBody(f"unknown JSON field(s) {unknown}; expected {sorted(fields)}")
+    return obj
+
+
+def parse_json_body(buf: bytearray, *, max_tensors: int) -> Parsed:
+    obj = json_object(buf, JSON_FIELDS)
     parsed = Parsed(buf, method=obj.get("method"))
     state = obj.get("state")
     parsed.state = _json_text(state, "state") if isinstance(state, str) else state

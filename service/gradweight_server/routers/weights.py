@@ -12,7 +12,7 @@ from gradweight.methods import PAIR, filled
 
 from ..admission import Ticket
 from ..body import ClientGone, read_body
-from ..decode import resolve_method
+from ..decode import json_object, resolve_method
 from ..deps import admit_body, get_runtime
 from ..engine import order_groups, weights_from_gram
 from ..openapi import WEIGHTS_OPENAPI
@@ -39,15 +39,7 @@ async def weights(
     ctx: dict[str, Any] = request.scope["gw"]
 
     def job() -> bytes:
-        try:
-            obj = json.loads(buf)
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            raise MalformedBody("body is not valid UTF-8 JSON") from None
-        if not isinstance(obj, dict):
-            raise MalformedBody("JSON body must be an object")
-        unknown = sorted(set(obj) - FIELDS)
-        if unknown:
-            raise MalformedBody(f"unknown JSON field(s) {unknown}; expected {sorted(FIELDS)}")
+        obj = json_object(buf, FIELDS)
         spec = resolve_method(obj.get("method"), method)
         ctx["method"] = spec.name
         names = obj.get("groups", list(PAIR))
