@@ -3,7 +3,8 @@
 A fresh large buffer is zero-filled and page-faulted in before the first byte lands in it, which on the
 measured machines costs about as much as receiving the bytes; a trainer sends the same size every step, so
 the previous step's buffer is reused as is. Reply buffers come back too, but the transport may still hold
-a view of one after the handler returns, so a buffer is handed out only once nothing exports it.
+a view of one after the handler returns, so a buffer is handed out only once nothing exports it. Only sizes
+asked for more than once recently are kept: a one-off size would only sit in the pool until evicted.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from collections import OrderedDict
 class BufferPool:
     """Idle bytearrays by exact size, at most `max_bytes` in all; the oldest go first."""
 
+    RECENT_SIZES = 256
+
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._free: OrderedDict[int, list[bytearray]] = OrderedDict()
+        self._asked: OrderedDict[int, int] = OrderedDict()
         self._held = 0
         self._lock = threading.Lock()
 
@@ -27,6 +31,10 @@ class BufferPool:
 
     def take(self, size: int) -> bytearray:
         with self._lock:
+            self._asked[size] = self._asked.get(size, 0) + 1
+            self._asked.move_to_end(size)
+            if len(self._asked) > self.RECENT_SIZES:
+                self._asked.popitem(last=False)
             bufs = self._free.get(size, [])
             for i, buf in enumerate(bufs):
                 if not _exported(buf):
@@ -42,6 +50,8 @@ class BufferPool:
         if size == 0 or size > self.max_bytes:
             return
         with self._lock:
+            if self._asked.get(size, 0) < 2:
+                return
             self._free.setdefault(size, []).append(buf)
             self._free.move_to_end(size)
             self._held += size

@@ -263,6 +263,7 @@ def test_buffer_pool_reuses_only_unexported_buffers():
     from gradweight_server.pool import BufferPool
 
     pool = BufferPool(max_bytes=100)
+    pool.take(40)
     a = pool.take(40)
     pool.give(a)
     view = memoryview(a)
@@ -272,3 +273,18 @@ def test_buffer_pool_reuses_only_unexported_buffers():
     for _ in range(4):
         pool.give(bytearray(40))
     assert pool.held <= 100
+
+
+def test_buffer_pool_keeps_only_sizes_asked_for_again():
+    from gradweight_server.pool import BufferPool
+
+    pool = BufferPool(max_bytes=1000)
+    one_off = pool.take(30)
+    pool.give(one_off)
+    assert pool.held == 0  # a size seen once is not kept: random sizes do not fill the pool
+    first = pool.take(50)
+    pool.give(first)
+    second = pool.take(50)
+    pool.give(second)
+    assert pool.held == 50
+    assert pool.take(50) is second
