@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from gradweight.errors import Degenerate, InvalidGradients, InvalidMethod, NonFinite
+from gradweight.errors import Degenerate, InvalidGradients, NonFinite
 from gradweight.methods import MethodSpec
 
-from .methods import weighting
+from .methods import solve
 from .passes import combine, gram, has_non_finite
 from .validate import check_groups
 
@@ -80,14 +80,7 @@ def run(
         k_matrix, diag = gram(tensors)
         if not bool(torch.isfinite(diag).all()):
             _raise_non_finite(ordered, keys, diag)
-    try:
-        w, new_state = weighting(spec)(spec, k_matrix, names, state)
-    except (Degenerate, InvalidMethod, InvalidGradients):
-        raise
-    except (ValueError, RuntimeError, ArithmeticError) as exc:
-        raise Degenerate(f"{spec.name}: {exc}") from None
-    if not bool(torch.isfinite(w).all()):
-        raise Degenerate(f"{spec.name}: the weights are not finite for these gradients")
+    w, new_state = solve(spec, k_matrix, names, state)
     weights = [float(v) for v in w]
     active = [(t, wt) for t, wt in zip(tensors, weights) if wt != 0.0] or [(tensors[0], 0.0)]
     combine([t for t, _ in active], [wt for _, wt in active], out)

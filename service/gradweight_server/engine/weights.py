@@ -6,10 +6,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from gradweight.errors import Degenerate, InvalidGradients
+from gradweight.errors import InvalidGradients
 from gradweight.methods import MethodSpec
 
-from .methods import weighting
+from .methods import solve
 
 PSD_TOL = 1e-9
 
@@ -37,7 +37,5 @@ def weights_from_gram(
 ) -> tuple[dict[str, float], Any]:
     """Validate `gram` (rows and columns in `names` order) and return the weights by group name."""
     k_matrix = check_gram(gram, len(names))
-    w, new_state = weighting(spec)(spec, k_matrix, names, state)
-    if not bool(torch.isfinite(w).all()):
-        raise Degenerate(f"{spec.name}: the weights are not finite for this gram")
+    w, new_state = solve(spec, k_matrix, names, state)
     return dict(zip(names, (float(v) for v in w))), new_state

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from gradweight.errors import APIError, Degenerate
 from gradweight.methods import MethodSpec
 
 from . import _torchjd, gradvac, munba, nash, nash_mtl, none, simple
@@ -29,6 +30,21 @@ REGISTRY: dict[str, WeightFn] = {
 
 def weighting(spec: MethodSpec) -> WeightFn:
     return REGISTRY[spec.name]
+
+
+def solve(
+    spec: MethodSpec, gram: torch.Tensor | None, names: Sequence[str], state: Any = None
+) -> tuple[torch.Tensor, Any]:
+    """The method's weights, one per group; any failure of its maths is Degenerate, never a NaN weight."""
+    try:
+        w, new_state = weighting(spec)(spec, gram, names, state)
+    except (APIError, torch.OutOfMemoryError):
+        raise
+    except (ValueError, RuntimeError, ArithmeticError) as exc:
+        raise Degenerate(f"{spec.name}: {exc}") from None
+    if not bool(torch.isfinite(w).all()):
+        raise Degenerate(f"{spec.name}: the weights are not finite for these inputs")
+    return w, new_state
 
 
 def availability(spec_cls: type[MethodSpec]) -> tuple[bool, str | None]:
@@ -60,4 +76,4 @@ def warm_up() -> list[str]:
     return warmed
 
 
-__all__ = ["REGISTRY", "WeightFn", "availability", "warm_up", "weighting"]
+__all__ = ["REGISTRY", "WeightFn", "availability", "solve", "warm_up", "weighting"]
