@@ -80,7 +80,7 @@ def test_group_order_in_mapping_does_not_matter() -> None:
 
 
 @pytest.mark.parametrize("out_dtype", DTYPES)
-def test_output_dtype_is_rounded_once(out_dtype: torch.dtype) -> None:
+def test_output_in_the_requested_dtype_within_one_rounding(out_dtype: torch.dtype) -> None:
     forget, retain = case(8, 20, -0.5, torch.float32)
     out = run(Simple(retain_weight=0.25), {"retain": retain, "forget": forget}, out_dtype=out_dtype)
     assert out.flat.dtype == out_dtype
