@@ -96,3 +96,12 @@ __all__ = [
     "apply_grads",
     "parse_method",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """`gradweight.GradientWeightingMethodRemote` is imported on first use: it needs vision_unlearning."""
+    if name == "GradientWeightingMethodRemote":
+        from .vision_unlearning import GradientWeightingMethodRemote
+
+        return GradientWeightingMethodRemote
+    raise AttributeError(f"module 'gradweight' has no attribute {name!r}")
