@@ -73,7 +73,9 @@ def test_the_trainer_field_takes_it() -> None:
     m = Remote(url=UNUSED_URL, method=Munba())
     assert isinstance(m, GradientWeightingMethod)
     assert Trainer(gradient_weighting_method=m).gradient_weighting_method is m
-    assert Trainer.model_validate({"lora_r": 4, "gradient_weighting_method": m}).gradient_weighting_method is m
+    assert (
+        Trainer.model_validate({"lora_r": 4, "gradient_weighting_method": m}).gradient_weighting_method is m
+    )
     with Client(UNUSED_URL) as c, pytest.raises(ValidationError, match="GradientWeightingMethod"):
         Trainer(gradient_weighting_method=RemoteWeighting(c, "munba"))  # why this class exists
 
