@@ -13,7 +13,7 @@ after `--warmup`, and the ratio of medians to upstream's.
 
 `--drift` measures instead how float32 rounding differences grow over a 100-step munba run: the toy
 unlearning task of examples/unlearn.py, trained through lora.py's update lines, by upstream's class, by
-the drop-in, and by upstream's class on gradients perturbed by 1e-7 relative noise.
+the drop-in, and by upstream's class on gradients perturbed by 1e-7 relative noise (5 draws).
 
     .venv/bin/python bench/trainer.py [--ranks 4 16] [--steps 40] [--method munba] [--plot out.png]
     .venv/bin/python bench/trainer.py --drift [--drift-steps 100]
@@ -241,7 +241,7 @@ def load_example() -> ModuleType:
 
 
 def drift_run(
-    weighting: Any, steps: int, clip: float, noise: float = 0.0, lr: float = 0.1
+    weighting: Any, steps: int, clip: float, noise: float = 0.0, seed: int = 1, lr: float = 0.1
 ) -> list[torch.Tensor]:
     """`steps` munba steps on the example's task through lora.py's lines; the final parameters."""
     ex = load_example()
@@ -252,7 +252,7 @@ def drift_run(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr)
     ce = torch.nn.functional.cross_entropy
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     accelerator = SimpleNamespace(device=torch.device("cpu"))
     for _ in range(steps):
         lora_step(
@@ -274,10 +274,9 @@ def drift(url: str, steps: int, clip: float) -> dict[str, float]:
 
     upstream = upstream_class("munba")()
     base = drift_run(upstream, steps, clip)
-    runs = {
-        "upstream, repeated": drift_run(upstream, steps, clip),
-        "upstream, 1e-7 noise": drift_run(upstream, steps, clip, noise=1e-7),
-    }
+    runs = {"upstream, repeated": drift_run(upstream, steps, clip)}
+    for seed in range(1, 6):
+        runs[f"upstream, 1e-7 noise #{seed}"] = drift_run(upstream, steps, clip, noise=1e-7, seed=seed)
     for mode in ("full", "gram"):
         with GradientWeightingMethodRemote(url=url, method="munba", mode=mode) as dropin:
             runs[f"drop-in, {mode}"] = drift_run(dropin, steps, clip)
@@ -289,7 +288,7 @@ def drift(url: str, steps: int, clip: float) -> dict[str, float]:
     for name, params in runs.items():
         diff = max(float((p - q).abs().max()) for p, q in zip(params, base))
         out[name] = diff
-        print(f"  {name:>22}: max |param - upstream's| = {diff:.3g}")
+        print(f"  {name:>25}: max |param - upstream's| = {diff:.3g}")
     return out
 
 

@@ -10,6 +10,7 @@ import copy
 import importlib.util
 import json
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,26 @@ def test_dump_is_plain_json_without_the_token_and_round_trips(config: dict[str, 
     # pydantic dumps a field by its declared class (no fields), so a trainer's config shows it with:
     trainer = Trainer(gradient_weighting_method=m)
     assert trainer.model_dump(serialize_as_any=True)["gradient_weighting_method"] == dumped
+
+
+def test_the_readme_config_lines_build_a_valid_trainer_config() -> None:
+    """The `+` lines of the README's diff blocks, run as written."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = re.findall(r"```diff\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 2
+    for block in blocks:
+        hyperparameters: dict[str, Any] = {}
+        added = "\n".join(line[1:] for line in block.splitlines() if line.startswith("+"))
+        exec(added, {"hyperparameters": hyperparameters})
+        method = Trainer(**hyperparameters).gradient_weighting_method
+        assert isinstance(method, Remote)
+        assert method.url == "http://gpu-box:8000"
+        removed = [line for line in block.splitlines() if line.startswith("-")]
+        upstream = re.search(r"GradientWeightingMethod(\w+)\(", removed[-1])
+        assert upstream is not None
+        assert method.method.name == upstream[1].lower()  # Munba() -> munba, Simple(...) -> simple
+        for option, value in re.findall(r"(\w+)=([-\d.]+)", removed[-1]):
+            assert getattr(method.method, option) == float(value)
 
 
 def test_method_options_survive_the_dump() -> None:
