@@ -389,3 +389,7 @@ def test_cuda_result_on_the_accelerator_device(live_server: Any, mode: str) -> N
     assert got.device == expected.device
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    upstream = GradientWeightingMethodSimple(forget_weight=0.3, retain_weight=-1.7)
+    with Remote(url=live_server.url, method=Simple(forget_weight=0.3, retain_weight=-1.7), mode=mode) as m:
+        got = m.weight_grads(forget, retain, cuda)
+    assert torch.equal(bits(got), bits(upstream.weight_grads(forget, retain, cuda)))
