@@ -133,7 +133,7 @@ def bench_method(
 ) -> dict[str, Any]:
     from gradweight.methods import parse_method
     from gradweight_server.engine import run
-    from gradweight_server.engine.methods import weighting
+    from gradweight_server.engine.methods import solve
     from gradweight_server.engine.passes import gram
 
     spec = parse_method({"name": name, **options(name, k)})
@@ -142,12 +142,12 @@ def bench_method(
 
     def ours_weights() -> torch.Tensor:
         k_matrix = gram(tensors)[0] if spec.needs_gram else None
-        return weighting(spec)(spec, k_matrix, names, None)[0]
+        return solve(spec, k_matrix, names, None)[0]
 
     carried: dict[str, Any] = {"w": None, "full": None}
 
     def ours_weights_step() -> torch.Tensor:
-        w, carried["w"] = weighting(spec)(spec, gram(tensors)[0], names, carried["w"])
+        w, carried["w"] = solve(spec, gram(tensors)[0], names, carried["w"])
         return w
 
     def ours_full_step() -> torch.Tensor:
