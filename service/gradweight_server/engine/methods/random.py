@@ -24,4 +24,4 @@ def weights(
     return torch.softmax(z, dim=-1), None
 
 
-METHOD = Method(RandomWeights, weights=weights, torchjd="Random")
+METHOD = Method(RandomWeights, weights=weights, torchjd="Random", permutation_invariant=False)
