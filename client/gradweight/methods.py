@@ -518,6 +518,16 @@ class CRMOGM(MultiTaskSpec):
 
     _check = field_validator("initial_weights")(_pref_vector)
 
+    @classmethod
+    def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The schema as an object, like every other method's (pydantic writes a recursive model as a
+        bare `$ref` into its `$defs`)."""
+        schema = super().model_json_schema(*args, **kwargs)
+        ref = schema.pop("$ref", None)
+        if ref is None:
+            return schema
+        return {**schema["$defs"][ref.rsplit("/", 1)[-1]], "$defs": schema["$defs"]}
+
     @field_validator("weighting")
     @classmethod
     def _wraps_weights(cls, v: MethodSpec) -> MethodSpec:
