@@ -33,10 +33,14 @@ def aggregate(
     def block(m: torch.Tensor) -> torch.Tensor:
         p = 0.5 * (1.0 + m.sum(dim=0) / m.abs().sum(dim=0))
         u = torch.rand(p.shape, generator=gen, dtype=m.dtype, device=m.device)
-        mask = ((p > u) & (m > 0)) | ((p < u) & (m < 0))
+        # the sign kept per coordinate: +1 where P > U, -1 where P < U, 0 on a tie or an all-zero column
+        # (P NaN); g_i keeps its coordinate iff g_i s > 0, and sum_i relu(g_i s) s is torchjd's
+        # sum_i M_i g_i bit for bit (the same magnitudes summed in the same order), in three passes
+        s = torch.sign(p - u).nan_to_num_(0.0)
+        signed = m * s
         if keep is None:
-            return torch.where(mask, m, 0.0).sum(dim=0)
-        return ((keep + (1 - keep) * mask) * m).sum(dim=0)
+            return signed.relu_().sum(dim=0).mul_(s)
+        return ((keep + (1 - keep) * (signed > 0)) * m).sum(dim=0)
 
     elementwise.run(groups, names, out, block)
 
