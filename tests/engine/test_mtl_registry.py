@@ -79,3 +79,19 @@ def test_elementwise_replies_carry_no_weights(live_server: Any) -> None:
     )
     assert refused.status_code == 422
     assert "elementwise" in refused.json()["detail"]
+
+
+def test_readme_methods_table_lists_every_method() -> None:
+    """One row per method, in registry order, with its spec's guarantee, stateful flag, and ² exactly on
+    the elementwise ones."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text.split("## Methods\n", 1)[1].split("| name | paper |", 1)[1].split("\n\n", 1)[0]
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| `")]
+    names = [r[0].split("`")[1] for r in rows]
+    assert names == list(REGISTRY)
+    for cells, (name, method) in zip(rows, REGISTRY.items()):
+        assert cells[-1].rstrip(" |") == method.spec.guarantee, name
+        assert cells[3] == ("yes" if method.spec.stateful else "no"), name
+        assert ("²" in cells[0]) == (not method.spec.gives_weights), name
