@@ -344,7 +344,7 @@ class ConFIG(MultiTaskSpec):
     _check = field_validator("pref_vector")(_pref_vector)
 
 
-class RandomWeights(MultiTaskSpec):
+class Random(MultiTaskSpec):
     name: Literal["random"] = "random"
     seed: int | None = _seed("the weights' draw")
     summary: ClassVar[str] = "Random loss weighting: softmax of k standard normal draws."
@@ -555,7 +555,7 @@ AnySpec: TypeAlias = Annotated[
     | Sum
     | NashMTL
     | ConFIG
-    | RandomWeights
+    | Random
     | Constant
     | TrimmedMean
     | GradDrop
@@ -585,7 +585,7 @@ SPEC_CLASSES: tuple[type[MethodSpec], ...] = (
     Sum,
     NashMTL,
     ConFIG,
-    RandomWeights,
+    Random,
     Constant,
     TrimmedMean,
     GradDrop,

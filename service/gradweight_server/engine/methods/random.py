@@ -10,18 +10,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from gradweight.methods import RandomWeights
+from gradweight.methods import Random
 
 from ._method import Method
 from ._torchjd import SEED_MODULUS
 
 
 def weights(
-    spec: RandomWeights, gram: torch.Tensor | None, names: Sequence[str], state: Any = None
+    spec: Random, gram: torch.Tensor | None, names: Sequence[str], state: Any = None
 ) -> tuple[torch.Tensor, None]:
     gen = None if spec.seed is None else torch.Generator().manual_seed(spec.seed % SEED_MODULUS)
     z = torch.randn(len(names), generator=gen, dtype=torch.float64)
     return torch.softmax(z, dim=-1), None
 
 
-METHOD = Method(RandomWeights, weights=weights, torchjd="Random", permutation_invariant=False)
+METHOD = Method(Random, weights=weights, torchjd="Random", permutation_invariant=False)
