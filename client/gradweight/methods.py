@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Annotated, Any, ClassVar, Literal, TypeAlias
+from typing import Annotated, Any, ClassVar, Literal, TypeAlias, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
@@ -566,35 +566,8 @@ AnySpec: TypeAlias = Annotated[
     | ExcessMTL,
     Field(discriminator="name"),
 ]
-SPEC_CLASSES: tuple[type[MethodSpec], ...] = (
-    NoWeighting,
-    Simple,
-    Munba,
-    Nash,
-    UPGrad,
-    DualProj,
-    MGDA,
-    IMTLG,
-    AlignedMTL,
-    PCGrad,
-    CAGrad,
-    Krum,
-    FairGrad,
-    GradVac,
-    Mean,
-    Sum,
-    NashMTL,
-    ConFIG,
-    Random,
-    Constant,
-    TrimmedMean,
-    GradDrop,
-    MoDo,
-    PCD,
-    SDMGrad,
-    CRMOGM,
-    ExcessMTL,
-)
+SPEC_CLASSES: tuple[type[MethodSpec], ...] = get_args(get_args(AnySpec)[0])
+"""Every method's spec class, in the order of AnySpec (the order of GET /v1/methods)."""
 CRMOGM.model_rebuild()
 _ADAPTER: TypeAdapter[MethodSpec] = TypeAdapter(AnySpec)
 

@@ -281,3 +281,27 @@ def test_warm_up_runs_every_available_method() -> None:
 
     warmed = warm_up()
     assert set(MTL) | {"nash"} == set(warmed)
+
+
+LINEAR_UNDER_SCALING = {"mean": 1e-9, "sum": 1e-9, "constant": 1e-9, "config": 1e-6, "upgrad": 6e-2}
+
+
+@pytest.mark.parametrize("name", sorted(LINEAR_UNDER_SCALING))
+def test_linear_under_scaling(name: str) -> None:
+    """torchjd's assert_linear_under_scaling: A(diag(a c1 + b c2) J) = a A(diag(c1) J) + b A(diag(c2) J)
+    for positive c1, c2, a, b (with torchjd's own tolerance for UPGrad, whose reg_eps breaks exactness)."""
+    k = 4
+    spec = spec_for(name, k)
+    j = matrix(k, seed=case_seed("linear", name), dtype=torch.float64)
+    gen = torch.Generator().manual_seed(case_seed("linear-c", name))
+    for _ in range(3):
+        c1, c2 = (
+            torch.rand(k, generator=gen, dtype=torch.float64),
+            torch.rand(k, generator=gen, dtype=torch.float64),
+        )
+        a, b = (float(x) for x in torch.rand(2, generator=gen, dtype=torch.float64))
+        x1 = run(spec, groups_of(c1.reshape(k, 1) * j)).flat
+        x2 = run(spec, groups_of(c2.reshape(k, 1) * j)).flat
+        x = run(spec, groups_of((a * c1 + b * c2).reshape(k, 1) * j)).flat
+        tol = LINEAR_UNDER_SCALING[name]
+        torch.testing.assert_close(x, a * x1 + b * x2, rtol=tol, atol=tol * float(x.abs().max()))
