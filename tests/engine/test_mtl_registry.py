@@ -95,3 +95,17 @@ def test_readme_methods_table_lists_every_method() -> None:
         assert cells[-1].rstrip(" |") == method.spec.guarantee, name
         assert cells[3] == ("yes" if method.spec.stateful else "no"), name
         assert ("²" in cells[0]) == (not method.spec.gives_weights), name
+
+
+@pytest.mark.parametrize("name", ["trimmed_mean", "graddrop"])
+def test_elementwise_refuse_non_finite_inputs(name: str) -> None:
+    """A NaN or infinity is refused with its group and key, even where the trimmed mean would drop it."""
+    from gradweight.errors import NonFinite
+    from gradweight_server.engine import run
+
+    j = matrix(5, seed=2)
+    groups = {n: [j[i, :100].clone(), j[i, 100:].clone()] for i, n in enumerate(names_for(5))}
+    groups["task3"][1][7] = float("inf")
+    spec = parse_method({"name": name, "trim_number": 1} if name == "trimmed_mean" else name)
+    with pytest.raises(NonFinite, match="group 'task3' key 'b'"):
+        run(spec, groups, keys=["a", "b"])

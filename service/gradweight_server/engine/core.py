@@ -79,7 +79,11 @@ def run(
 
     tensors = list(ordered.values())
     if not spec.gives_weights:
-        aggregate(spec, tensors, names, out)
+        try:
+            aggregate(spec, tensors, names, out)  # refuses a non-finite input even where it would be trimmed
+        except NonFinite:
+            _locate_non_finite(ordered, keys)
+            raise
         _check_output(ordered, keys, out)
         return Outcome(weights=None, gram=None, flat=out, state=None)
     k_matrix: torch.Tensor | None = None
@@ -123,8 +127,13 @@ def _check_output(
 ) -> None:
     if not has_non_finite(out):
         return
+    _locate_non_finite(groups, keys)
+    raise Degenerate(f"the weighted sum overflows {out.dtype}")
+
+
+def _locate_non_finite(groups: Mapping[str, Sequence[torch.Tensor]], keys: Sequence[str]) -> None:
+    """NonFinite naming the first group and key holding a NaN or infinity, if any does."""
     for row, key in enumerate(keys):
         for name, tensors in groups.items():
             if has_non_finite(tensors[row]):
                 raise NonFinite(f"group {name!r} key {key!r} contains NaN or infinity")
-    raise Degenerate(f"the weighted sum overflows {out.dtype}")
