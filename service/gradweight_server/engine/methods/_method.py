@@ -42,7 +42,7 @@ class Method:
     permutation_invariant: bool = True
     """Reordering the groups reorders the weights and leaves the combined gradient unchanged."""
     warm_up: Mapping[str, Any] = field(default_factory=dict)
-    """Options for the warm-up call (the required ones); None skips warm-up."""
+    """Options for the warm-up call: the required ones, which have no default to warm up with."""
     unavailable: str | None = None
 
     @property

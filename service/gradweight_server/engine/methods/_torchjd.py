@@ -38,10 +38,6 @@ def seeded(seed: int | None) -> Iterator[None]:
             torch.default_generator.set_state(saved)
 
 
-def as_weights(w: torch.Tensor) -> torch.Tensor:
-    return w.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
-
-
 def by_group(spec: MethodSpec, what: str, value: PrefVector, names: Sequence[str]) -> torch.Tensor | None:
     """A per-group vector option in gram order (a list must have one entry per group; a dict name each)."""
     if value is None:
