@@ -109,3 +109,20 @@ def test_elementwise_refuse_non_finite_inputs(name: str) -> None:
     spec = parse_method({"name": name, "trim_number": 1} if name == "trimmed_mean" else name)
     with pytest.raises(NonFinite, match="group 'task3' key 'b'"):
         run(spec, groups, keys=["a", "b"])
+
+
+def test_inconsistent_declarations_are_refused() -> None:
+    from gradweight.methods import Mean, TrimmedMean
+    from gradweight_server.engine.methods import Method
+
+    def fn(*args: Any) -> Any:
+        raise AssertionError("never called")
+
+    for bad in (
+        Method(TrimmedMean, weights=fn),  # elementwise spec, weights declared
+        Method(Mean, aggregate=fn),  # gives weights, declared elementwise
+        Method(Mean),  # served, but computes nothing
+        Method(Mean, weights=fn, aggregate=fn),
+    ):
+        with pytest.raises(TypeError):
+            bad.check()
