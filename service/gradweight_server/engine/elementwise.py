@@ -40,15 +40,15 @@ def run(
     k = len(groups)
     dtype = compute_dtype(groups[0][0].dtype)
     width = max(1, (CUDA_STACK if out.device.type == "cuda" else CPU_STACK) // k)
-    stack: torch.Tensor | None = None
+    largest = max(t.numel() for t in groups[0])
+    buf = torch.empty(k * min(width, largest), dtype=dtype, device=out.device)
     offset = 0
     for key, tensors in enumerate(zip(*groups, strict=True)):
         flats = [t.reshape(-1) for t in tensors]
         n = flats[0].numel()
         for s in range(0, n, width):
             b = min(width, n - s)
-            if stack is None or stack.shape[1] != b:
-                stack = torch.empty(k, b, dtype=dtype, device=out.device)
+            stack = buf[: k * b].view(k, b)
             for row, f in zip(stack, flats):
                 row.copy_(f[s : s + b])
             if has_non_finite(stack):
