@@ -165,7 +165,7 @@ def _combine(args: argparse.Namespace) -> int:
     if getattr(args, "json", False):
         print(json.dumps(summary))
     else:
-        weights = ", ".join(f"{k}={v:.6g}" for k, v in meta.weights.items())
+        weights = ", ".join(f"{k}={v:.6g}" for k, v in (meta.weights or {}).items()) or "elementwise"
         name = meta.method.get("name", "?")
         print(f"{name}: {weights}  ({numel} elements, {summary['dtype']}, on {meta.device})")
         if args.output is not None:

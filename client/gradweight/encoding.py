@@ -122,7 +122,7 @@ class ReplyMeta:
     """The JSON entries of a combine reply's `__metadata__`."""
 
     method: dict[str, Any]
-    weights: dict[str, float]
+    weights: dict[str, float] | None
     gram: list[list[float]] | None
     device: str
     timing: dict[str, float]
@@ -142,14 +142,14 @@ def reply_meta(header: Header) -> ReplyMeta:
             raise MalformedBody(f"reply metadata {key!r} is not JSON") from None
 
     weights = load("weights")
-    if not isinstance(weights, dict):
-        raise MalformedBody("reply lacks `weights` metadata")
+    if weights is not None and not isinstance(weights, dict):
+        raise MalformedBody("reply `weights` metadata is not an object")
     device = meta.get("device", "")
     if device.startswith('"'):
         device = str(load("device"))
     return ReplyMeta(
         method=load("method", {}),
-        weights={str(k): float(v) for k, v in weights.items()},
+        weights=None if weights is None else {str(k): float(v) for k, v in weights.items()},
         gram=load("gram"),
         device=device,
         timing={str(k): float(v) for k, v in (load("timing", {}) or {}).items()},
