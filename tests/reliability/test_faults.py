@@ -68,7 +68,7 @@ def _head(length: int, path: str = "/v1/combine") -> str:
 
 def test_disconnect_mid_upload_frees_the_slot_and_the_memory(make_server):
     live = make_server(
-        max_concurrency=1, max_body_bytes=512 * MiB, max_inflight_bytes=512 * MiB, warmup=False
+        max_concurrency=1, max_body_bytes=512 * MiB, max_inflight_bytes=768 * MiB, warmup=False
     )
     declared = 256 * MiB
     before = rss_bytes()
@@ -76,14 +76,16 @@ def test_disconnect_mid_upload_frees_the_slot_and_the_memory(make_server):
     try:
         sock.sendall(b"\0" * MiB)
         adm = _admission(live)
-        assert wait_until(lambda: adm.requests == 1 and adm.bytes == declared, 10)
+        # Admission reserves the body and its reply (1.5 x) from the headers on...
+        assert wait_until(lambda: adm.requests == 1 and adm.bytes == declared * 3 // 2, 10)
         held = rss_bytes()
     finally:
         sock.close()
     assert _idle(live), "the admission slot was not released after the client vanished"
-    # The buffer is allocated whole from Content-Length (1 MiB sent: about 256 MiB held until the client
-    # goes); whatever the server held for the request must be given back.
+    # ...but memory is committed only as bytes arrive: 1 MiB sent of 256 MiB declared costs about 1 MiB
+    # (a buffer zero-filled from Content-Length cost the whole 256 MiB here).
     print(f"\nmid-upload: RSS {before / MiB:.0f} -> {held / MiB:.0f} MiB while connected", end="")
+    assert held < before + 64 * MiB, (before, held)
     assert wait_until(lambda: rss_bytes() < before + 64 * MiB, 10), (before, held, rss_bytes())
     _served(live.url)  # max_concurrency=1: this also proves the slot is free
 
@@ -120,11 +122,9 @@ def test_half_sent_requests_on_many_connections_all_release(make_server):
             socks.append(s)
         adm = _admission(live)
         assert wait_until(lambda: adm.requests == 8, 10)
-        # All slots taken: the next one is refused at once, not queued.
-        resp = httpx.post(
-            live.url + "/v1/combine", content=body_of(make_groups(1, 10), SPEC), headers=OCTET, timeout=10
-        )
-        assert problem(resp, [503])["code"] == "overloaded"
+        # Uploads in progress hold no compute slot: the next request is served meanwhile.
+        assert adm.computing == 0
+        _served(live.url, seed=1)
     finally:
         for s in socks:
             s.close()
@@ -178,10 +178,11 @@ def test_a_stalled_body_is_cut_off_after_the_body_timeout(make_server):
 
 
 def test_a_trickled_body_is_cut_off_by_the_minimum_rate(make_server):
-    """Every byte re-arms an idle timeout, so trickling needs a floor on the rate: `body_min_rate` bytes/s
-    averaged over each `body_timeout_s` window. One byte per 0.4 s against 1,000 B/s is dropped."""
+    """Every byte re-arms an idle timeout, so trickling needs a floor on the rate: a body must arrive within
+    `body_timeout_s` plus its size at `body_min_rate`. 1,500 bytes at 1,000 B/s get 1 + 1.5 s; one byte per
+    0.4 s is dropped then."""
     live = make_server(max_concurrency=1, warmup=False, body_timeout_s=1, body_min_rate=1000)
-    sock = open_request(live.url, _head(64 * MiB))
+    sock = open_request(live.url, _head(1500))
     adm = _admission(live)
     t0 = time.monotonic()
     try:
