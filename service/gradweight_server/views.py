@@ -1,6 +1,8 @@
 """Parsed bodies -> the engine's tensor groups: PROTOCOL.md's rules on groups, keys and order, then views.
 
 Each tensor is a view of the request buffer on CPU, or of one host-to-device copy of its data region on CUDA.
+The rules checked here are the wire's (group names, keys, order, one float dtype to view the bytes as);
+shapes and dtype consistency beyond that are checked once, by the engine (`engine/validate.py`), for every caller.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ class Assembled:
 
 
 def assemble(parsed: Parsed, device: torch.device) -> Assembled:
-    """Apply the group, key and order rules, then view each tensor in place (or on `device`)."""
+    """Apply the group, key and order rules, then view each tensor in place (or on `device`); `shapes`
+    and `numel` are the first group's."""
     present = parsed.tensors
     if parsed.groups is not None:
         names = parsed.groups
@@ -61,10 +64,6 @@ def assemble(parsed: Parsed, device: torch.device) -> Assembled:
     if len(dtypes) > 1:
         raise InvalidGradients(f"mixed dtypes {sorted(str(d) for d in dtypes)}: use one float dtype")
     shapes = [tuple(first[k].shape) for k in keys]
-    for g in names[1:]:
-        for k, shape in zip(keys, shapes):
-            if tuple(present[g][k].shape) != shape:
-                raise InvalidGradients(f"key {k[:80]!r}: shape differs between {names[0]!r} and {g!r}")
     numel = sum(math.prod(s) for s in shapes)
     if numel == 0:
         raise InvalidGradients("the gradients have no elements")
