@@ -76,6 +76,7 @@ def main() -> None:
     )
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--order", nargs="+", default=["plain", "guarded", "plain", "guarded"])
     parser.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -87,7 +88,7 @@ def main() -> None:
     }
     body = st.save(tensors)
     print(f"{'protocol':>9} {'GET /healthz req/s':>19} {'64 MB combine s':>16}")
-    for kind in ("plain", "guarded"):
+    for kind in args.order:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]

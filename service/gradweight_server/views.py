@@ -1,7 +1,7 @@
 """Parsed bodies -> the engine's tensor groups: PROTOCOL.md's rules on groups, keys and order, then views.
 
-Each tensor is a view of the request buffer on CPU, or of one host-to-device copy of its data region on CUDA.
-The rules checked here are the wire's (group names, keys, order, one float dtype to view the bytes as);
+Each tensor is a view of the request buffer on CPU, or of one host-to-device copy of its data region on
+CUDA. The rules checked here are the wire's (group names, keys, order, one float dtype to view the bytes as);
 shapes and dtype consistency beyond that are checked once, by the engine (`engine/validate.py`), for every caller.
 """
 
