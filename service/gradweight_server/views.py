@@ -1,8 +1,8 @@
 """Parsed bodies -> the engine's tensor groups: PROTOCOL.md's rules on groups, keys and order, then views.
 
 Each tensor is a view of the request buffer on CPU, or of one host-to-device copy of its data region on
-CUDA. The rules checked here are the wire's (group names, keys, order, one float dtype to view the bytes as);
-shapes and dtype consistency beyond that are checked once, by the engine (`engine/validate.py`), for every caller.
+CUDA. The rules checked here are the wire's (group names, keys, order, one float dtype to view the bytes
+as); shapes and dtypes beyond that are checked once, by the engine (`engine/validate.py`), for every caller.
 """
 
 from __future__ import annotations
