@@ -26,6 +26,7 @@ from .pool import Buffer, BufferPool, Lease
 HELD_PER_BODY_BYTE = 1.5
 HELD_PER_JSON_BYTE = 32.0
 SMALL_BODY = 1 << 20
+SMALL_TEXT = 64 * 1024
 
 
 class ClientGone(Exception):
@@ -47,12 +48,11 @@ class BodyInfo:
     declared: int | None
     limit: int
 
-    @property
-    def held_per_byte(self) -> float:
-        return HELD_PER_JSON_BYTE if self.kind is BodyKind.JSON else HELD_PER_BODY_BYTE
-
     def estimate(self, nbytes: int) -> int:
-        return math.ceil(nbytes * self.held_per_byte)
+        """What `nbytes` of this body may cost; JSON text up to SMALL_TEXT parses into a few MiB at most."""
+        if self.kind is BodyKind.JSON:
+            return nbytes + math.ceil(max(0, nbytes - SMALL_TEXT) * (HELD_PER_JSON_BYTE - 1))
+        return math.ceil(nbytes * HELD_PER_BODY_BYTE)
 
 
 async def read_body(

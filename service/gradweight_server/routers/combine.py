@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
+from gradweight.methods import MethodSpec
 
-from ..body import BodyKind
+from ..body import SMALL_TEXT, BodyKind
 from ..decode import parse_body, resolve_method
 from ..deps import Body, get_record, get_runtime, read_body_of
 from ..encode import json_reply, plan_octet, reply_metadata
@@ -18,7 +19,7 @@ from ..engine import run
 from ..openapi import COMBINE_OPENAPI
 from ..record import RequestRecord
 from ..runtime import Runtime
-from ..views import assemble
+from ..views import Assembled, assemble
 
 router = APIRouter(prefix="/v1", tags=["combine"])
 
@@ -81,12 +82,29 @@ async def combine(
     return Response(content, media_type=media)
 
 
+@dataclass
+class _Step:
+    """A decoded request, ready for the engine."""
+
+    spec: MethodSpec
+    data: Assembled
+    state: Any
+    dtype: torch.dtype
+
+
 def _combine(
     runtime: Runtime, body: Body, query: CombineQuery, record: RequestRecord
 ) -> tuple[bytes | memoryview, str]:
     """Decode, run, encode; the reservation follows what is held: body, parse temporaries, then the reply."""
-    settings, device, reservation = runtime.settings, runtime.device, record.reservation
-    assert device is not None
+    step = _decode(runtime, body, query, record)
+    if query.as_json:
+        return _json(runtime, body, step, record), "application/json"
+    return _octet(runtime, body, step, query, record), "application/octet-stream"
+
+
+def _decode(runtime: Runtime, body: Body, query: CombineQuery, record: RequestRecord) -> _Step:
+    settings, reservation = runtime.settings, record.reservation
+    assert runtime.device is not None
     assert reservation is not None
     size = len(body.buffer)
     text = 0
@@ -94,7 +112,7 @@ def _combine(
     def hold(nbytes: int) -> None:
         nonlocal text
         text += nbytes
-        reservation.resize(max(reservation.nbytes, size + JSON_TEXT_HELD * text))
+        reservation.resize(max(reservation.nbytes, size + JSON_TEXT_HELD * max(0, text - SMALL_TEXT)))
 
     with record.stage("decode"):
         parsed = parse_body(
@@ -106,26 +124,41 @@ def _combine(
         )
         spec = resolve_method(parsed.method, query.method)
         record.method = spec.name
-        data = assemble(parsed, device)
-    state = parsed.state if spec.stateful else None
-    dtype = query.dtype or data.dtype
-    spec_dict = spec.model_dump(mode="json")
-    if query.as_json:
-        reservation.resize(size + data.numel * dtype.itemsize)
-        with record.stage("compute"):
-            outcome = run(spec, data.groups, keys=data.keys, out_dtype=dtype, state=state)
-            _sync(device)
-        doc = json_reply(
-            method=spec_dict,
-            weights=outcome.weights,
-            gram=outcome.gram,
-            flat=outcome.flat,
-            device=str(device),
-            timing=record.timing(),
-            state=outcome.state,
-            max_elements=settings.json_max_elements,
-        )
-        return json.dumps(doc, separators=(",", ":")).encode(), "application/json"
+        data = assemble(parsed, runtime.device)
+    return _Step(spec, data, parsed.state if spec.stateful else None, query.dtype or data.dtype)
+
+
+def _json(runtime: Runtime, body: Body, step: _Step, record: RequestRecord) -> bytes:
+    device, data = runtime.device, step.data
+    assert device is not None
+    assert record.reservation is not None
+    # The body, the float64 tensors parsed from a JSON body, and the result.
+    parsed = data.numel * len(data.groups) * 8 if body.info.kind is BodyKind.JSON else 0
+    record.reservation.resize(len(body.buffer) + parsed + data.numel * step.dtype.itemsize)
+    with record.stage("compute"):
+        outcome = run(step.spec, data.groups, keys=data.keys, out_dtype=step.dtype, state=step.state)
+        _sync(device)
+    doc = json_reply(
+        method=step.spec.model_dump(mode="json"),
+        weights=outcome.weights,
+        gram=outcome.gram,
+        flat=outcome.flat,
+        device=str(device),
+        timing=record.timing(),
+        state=outcome.state,
+        max_elements=runtime.settings.json_max_elements,
+    )
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _octet(
+    runtime: Runtime, body: Body, step: _Step, query: CombineQuery, record: RequestRecord
+) -> memoryview:
+    """The result computed straight into the leased reply buffer (on CPU), then the header written."""
+    device, data, dtype = runtime.device, step.data, step.dtype
+    assert device is not None
+    assert record.reservation is not None
+    spec_dict = step.spec.model_dump(mode="json")
     with record.stage("encode"):
         plan = plan_octet(
             data.keys,
@@ -135,25 +168,25 @@ def _combine(
             layout=query.layout,
             n_groups=len(data.groups),
             spec_json=json.dumps(spec_dict),
-            state_chars=len(json.dumps(state)) if spec.stateful else None,
+            state_chars=len(json.dumps(step.state)) if step.spec.stateful else None,
             lease=lambda n: record.hold(runtime.pool.lease(n)),
         )
-    reservation.resize(size + len(plan.buffer))
+    record.reservation.resize(len(body.buffer) + len(plan.buffer))
     out = plan.out(dtype, data.numel) if device.type == "cpu" else None
     with record.stage("compute"):
-        outcome = run(spec, data.groups, keys=data.keys, out=out, out_dtype=dtype, state=state)
+        outcome = run(step.spec, data.groups, keys=data.keys, out=out, out_dtype=dtype, state=step.state)
         _sync(device)
     with record.stage("encode"):
         if out is None:
             plan.out(dtype, data.numel).copy_(outcome.flat)
-    del data, parsed, out
-    body.lease.close()
+    del step.data, data, out
+    body.lease.close()  # the views of the body are gone: its buffer can serve the next request
     meta = reply_metadata(
         spec_dict, outcome.weights, outcome.gram, str(device), record.timing(), outcome.state
     )
     reply = plan.finish(meta)
-    reservation.resize(len(reply))
-    return reply, "application/octet-stream"
+    record.reservation.resize(len(reply))
+    return reply
 
 
 def _sync(device: torch.device) -> None:
