@@ -29,6 +29,7 @@ from rel_util import (
     problem,
     read_response,
     rss_bytes,
+    served,
     subprocess_server,
     wait_until,
 )
@@ -47,13 +48,6 @@ def _admission(live: Any) -> Any:
 def _idle(live: Any, timeout: float = 10.0) -> bool:
     adm = _admission(live)
     return wait_until(lambda: adm.requests == 0 and adm.bytes == 0, timeout)
-
-
-def _served(url: str, seed: int = 0, numel: int = 5000) -> None:
-    groups = make_groups(seed, numel)
-    resp = httpx.post(url + "/v1/combine", content=body_of(groups, SPEC), headers=OCTET, timeout=60)
-    assert resp.status_code == 200, resp.text[:300]
-    check_answer(resp.content, SPEC, groups)
 
 
 def _head(length: int, path: str = "/v1/combine") -> str:
@@ -87,14 +81,14 @@ def test_disconnect_mid_upload_frees_the_slot_and_the_memory(make_server):
     print(f"\nmid-upload: RSS {before / MiB:.0f} -> {held / MiB:.0f} MiB while connected", end="")
     assert held < before + 64 * MiB, (before, held)
     assert wait_until(lambda: rss_bytes() < before + 64 * MiB, 10), (before, held, rss_bytes())
-    _served(live.url)  # max_concurrency=1: this also proves the slot is free
+    served(live.url)  # max_concurrency=1: this also proves the slot is free
 
 
 def test_disconnect_mid_download_frees_the_slot_and_the_memory(make_server):
     live = make_server(max_concurrency=1, warmup=False)
     groups = make_groups(7, 4 * 1024 * 1024, n_tensors=4)  # 32 MiB body, 16 MiB reply
     body = body_of(groups, SPEC)
-    _served(live.url)
+    served(live.url)
     before = rss_bytes()
     for _ in range(3):
         sock = open_request(live.url, _head(len(body)))
@@ -108,7 +102,7 @@ def test_disconnect_mid_download_frees_the_slot_and_the_memory(make_server):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
             sock.close()
         assert _idle(live)
-    _served(live.url, seed=1)
+    served(live.url, seed=1)
     assert wait_until(lambda: rss_bytes() < before + 96 * MiB, 10), (before, rss_bytes())
 
 
@@ -124,12 +118,12 @@ def test_half_sent_requests_on_many_connections_all_release(make_server):
         assert wait_until(lambda: adm.requests == 8, 10)
         # Uploads in progress hold no compute slot: the next request is served meanwhile.
         assert adm.computing == 0
-        _served(live.url, seed=1)
+        served(live.url, seed=1)
     finally:
         for s in socks:
             s.close()
     assert _idle(live)
-    _served(live.url)
+    served(live.url)
 
 
 # ---- slow bodies ---------------------------------------------------------------------------------------
@@ -146,7 +140,7 @@ def test_a_slow_body_holds_only_its_own_slot(make_server):
             sock.sendall(body[i : i + 1])
             time.sleep(0.025)
             if i == 20:
-                _served(live.url, seed=9)
+                served(live.url, seed=9)
         assert _admission(live).requests == 1
         sock.sendall(body[40:])  # finishing late is still served, and correctly
         status, _, data = read_response(sock)
@@ -174,7 +168,7 @@ def test_a_stalled_body_is_cut_off_after_the_body_timeout(make_server):
     assert b'"malformed-body"' in data
     assert 0.5 < waited < 5, waited
     assert _idle(live, timeout=5)
-    _served(live.url)
+    served(live.url)
 
 
 def test_a_trickled_body_is_cut_off_by_the_minimum_rate(make_server):
@@ -201,7 +195,7 @@ def test_a_trickled_body_is_cut_off_by_the_minimum_rate(make_server):
     assert b'"malformed-body"' in data
     assert cut < 4, cut
     assert _idle(live, timeout=5)
-    _served(live.url)
+    served(live.url)
 
 
 # ---- device out of memory ------------------------------------------------------------------------------
@@ -221,7 +215,7 @@ def test_out_of_memory_is_503_and_the_next_request_succeeds(live_server, monkeyp
     assert resp.headers.get("x-request-id")
     assert _idle(live_server)
     monkeypatch.undo()
-    _served(live_server.url)
+    served(live_server.url)
 
 
 def test_client_retries_through_a_transient_oom(live_server, monkeypatch):
@@ -316,4 +310,4 @@ def test_sigterm_shutdown_is_bounded_even_with_a_stalled_client():
 
 def test_the_shared_server_is_still_alive(live_server):
     alive(live_server.url)
-    _served(live_server.url, seed=42)
+    served(live_server.url, seed=42)

@@ -22,12 +22,12 @@ import safetensors.torch as st
 from rel_util import (
     OCTET,
     body_of,
-    check_answer,
     make_groups,
     open_request,
     problem,
     read_response,
     rss_bytes,
+    served,
     subprocess_server,
     wait_until,
 )
@@ -61,13 +61,6 @@ def _closed(sock: socket.socket, timeout: float) -> bool:
                 return False
         return False
     return True
-
-
-def _served(url: str, seed: int = 0, numel: int = 5000) -> None:
-    groups = make_groups(seed, numel)
-    resp = httpx.post(url + "/v1/combine", content=body_of(groups, SPEC), headers=OCTET, timeout=60)
-    assert resp.status_code == 200, resp.text[:300]
-    check_answer(resp.content, SPEC, groups)
 
 
 def _combine_head(length: int, extra: str = "") -> str:
@@ -105,7 +98,7 @@ def test_an_unread_reply_stays_counted_until_the_send_timeout_frees_it(make_serv
         print(f"\nunread 32 MiB reply: released {time.monotonic() - t0:.1f} s after the check", end="")
     finally:
         sock.close()
-    _served(live.url)
+    served(live.url)
 
 
 def test_peak_memory_stays_within_the_inflight_budget(tmp_path):
@@ -214,7 +207,7 @@ def test_trickling_uploads_do_not_lock_others_out(make_server):
         for i in range(10):
             for s in socks:
                 s.sendall(b"\0" * 1000)
-            _served(live.url, seed=i)
+            served(live.url, seed=i)
         assert adm.requests == 2, "the trickling uploads were dropped: this test needs them in flight"
     finally:
         for s in socks:
