@@ -126,5 +126,7 @@ def _exported(buf: Buffer) -> bool:
         buf.append(0)
     except BufferError:
         return True
+    except (OSError, SystemError):  # no mremap (not Linux): an mmap is then never handed out again
+        return True
     del buf[-1]
     return False
