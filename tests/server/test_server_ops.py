@@ -291,3 +291,26 @@ def test_buffer_pool_keeps_only_sizes_asked_for_again():
     pool.give(second)
     assert pool.held == 50
     assert pool.take(50) is second
+
+
+def test_a_lease_gives_its_buffer_back_exactly_once():
+    import mmap
+
+    from gradweight_server.pool import BufferPool
+
+    pool = BufferPool(max_bytes=1 << 20)
+    for _ in range(2):  # a size asked for twice is kept (a trainer's second step)
+        assert pool.reuse(4096) is None  # nothing pooled: no memory is made up front
+    buf = mmap.mmap(-1, 4096)
+    lease = pool.adopt(buf)
+    with lease as held:
+        assert held is buf
+    lease.close()  # a second close (the request record closes every lease again) is a no-op
+    assert pool.held == 4096
+    assert lease.buffer is not buf  # the lease no longer keeps the buffer alive
+    view = memoryview(buf)
+    assert pool.reuse(4096) is None  # an mmap with a live view is not handed out
+    view.release()
+    again = pool.reuse(4096)
+    assert again is not None
+    assert again.buffer is buf
