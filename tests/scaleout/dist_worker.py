@@ -1,0 +1,127 @@
+"""Entry points of the gloo worker processes (torch.multiprocessing.spawn imports this module by name)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dist_cases import CASES, STEPS, call_args, shard  # noqa: E402
+
+import gradweight  # noqa: E402
+from gradweight import distributed  # noqa: E402
+
+VARIANTS = ("replicated-full", "replicated-gram", "replicated-async", "sharded", "sharded-async")
+
+
+def _init(rank: int, world: int, store: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+
+
+def _step(client: Any, aclient: Any, variant: str, rank: int, world: int, case: Any, step: int, state: Any) -> Any:
+    full = case.grads(step)
+    if variant.startswith("sharded"):
+        grads = {g: [shard(t, rank, world).clone() for t in ts] for g, ts in full.items()}
+    else:
+        grads = full
+    kw: dict[str, Any] = dict(call_args(case, grads), method=case.method, state=state)
+    if variant == "replicated-full":
+        res = distributed.combine(client, **kw)
+        pieces = _split(res.scaled_grad, [t.numel() for t in full[case.names()[0]]])
+    elif variant == "replicated-gram":
+        res = distributed.combine(client, mode="gram", layout="params", **kw)
+        pieces = [t.reshape(-1) for t in res.tensors]
+    elif variant == "replicated-async":
+        res = asyncio.run(_arun(aclient, layout="params", **kw))
+        pieces = [t.reshape(-1) for t in res.tensors]
+    elif variant == "sharded":
+        # in place, into the first group's own tensors (as into a parameter's .grad)
+        out = grads[case.names()[-1]]
+        res = distributed.combine(client, sharded=True, out=out, **kw)
+        pieces = [t.clone() for t in out]
+    else:
+        res = asyncio.run(_arun(aclient, sharded=True, **kw))
+        pieces = _split(res.scaled_grad, [t.numel() for t in grads[case.names()[0]]])
+    return res, pieces
+
+
+async def _arun(url: str, **kw: Any) -> Any:
+    async with gradweight.AsyncClient(url) as client:
+        return await distributed.acombine(client, **kw)
+
+
+def _split(flat: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    return [p.clone() for p in flat.reshape(-1).split(sizes)]
+
+
+def results(rank: int, world: int, store: str, url: str, out_dir: str) -> None:
+    """Every case x variant for STEPS steps, stateful methods carrying `state`; saved per rank."""
+    _init(rank, world, store)
+    saved: dict[str, Any] = {}
+    with gradweight.Client(url) as client:
+        for case in CASES:
+            for variant in VARIANTS:
+                state = None
+                steps = []
+                for step in range(STEPS):
+                    res, pieces = _step(client, url, variant, rank, world, case, step, state)
+                    state = res.state
+                    steps.append({"weights": res.weights, "pieces": pieces, "state": state})
+                saved[f"{case.name}/{variant}"] = steps
+    torch.save(saved, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def errors(rank: int, world: int, store: str, url: str, hang_url: str, out_dir: str) -> None:
+    """Failures reach every rank and timeouts end as errors; records (what, exception type, text)."""
+    _init(rank, world, store)
+    case = CASES[0]
+    got: list[tuple[str, str, str]] = []
+
+    def attempt(what: str, fn: Any) -> None:
+        try:
+            fn()
+            got.append((what, "ok", ""))
+        except Exception as exc:
+            got.append((what, type(exc).__name__, str(exc)))
+
+    full = case.grads(0)
+    with gradweight.Client(url) as client, gradweight.Client(hang_url, retries=0) as hang:
+        five = {f"t{i}": full["forget"] for i in range(3)}
+        # munba takes the forget/retain pair only: the server refuses three groups (422) on rank 0
+        attempt("server-error", lambda: distributed.combine(client, groups=five, method="munba"))
+        attempt("after-error", lambda: distributed.combine(client, **call_args(case, full), method="munba"))
+        bad = {g: [shard(t, rank, world) for t in ts] for g, ts in full.items()}
+        if rank == world - 1:
+            bad["retain"] = bad["retain"][:-1]  # one rank's slice is broken
+        attempt("bad-slice", lambda: distributed.combine(client, sharded=True, **call_args(case, bad), method="munba"))
+        attempt(
+            "server-hangs",
+            lambda: distributed.combine(hang, **call_args(case, full), method="munba", timeout=1.5),
+        )
+        attempt("after-hang", lambda: distributed.combine(client, **call_args(case, full), method="munba"))
+        if rank != 0:  # rank 0, the asking rank, never comes to this step
+            attempt(
+                "asker-missing",
+                lambda: distributed.combine(client, **call_args(case, full), method="munba", timeout=1.0),
+            )
+    torch.save(got, os.path.join(out_dir, f"errors{rank}.pt"))
+    os._exit(0)  # the group is out of step after "asker-missing": do not tear it down collectively
+
+
+def main_guard(fn: Any, *args: Any) -> None:
+    try:
+        fn(*args)
+    except BaseException:
+        traceback.print_exc()
+        raise
