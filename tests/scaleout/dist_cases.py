@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 SHAPES = ((37, 5), (101,), (13, 3), (2, 2, 2))
-STEPS = 3
+STEPS = 2
 
 
 @dataclass(frozen=True)

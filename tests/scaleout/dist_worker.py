@@ -14,11 +14,13 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dist_cases import CASES, STEPS, call_args, shard  # noqa: E402
+import gradweight
+from dist_cases import CASES, STEPS, call_args, shard
+from gradweight import distributed
 
-import gradweight  # noqa: E402
-from gradweight import distributed  # noqa: E402
-
+MODEL_TASKS = 3
+MODEL_STEPS = 2
+MODEL_METHOD = {"name": "gradvac", "seed": 3}
 VARIANTS = ("replicated-full", "replicated-gram", "replicated-async", "sharded", "sharded-async")
 
 
@@ -27,7 +29,9 @@ def _init(rank: int, world: int, store: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
 
 
-def _step(client: Any, aclient: Any, variant: str, rank: int, world: int, case: Any, step: int, state: Any) -> Any:
+def _step(
+    client: Any, aclient: Any, variant: str, rank: int, world: int, case: Any, step: int, state: Any
+) -> Any:
     full = case.grads(step)
     if variant.startswith("sharded"):
         grads = {g: [shard(t, rank, world).clone() for t in ts] for g, ts in full.items()}
@@ -77,9 +81,61 @@ def results(rank: int, world: int, store: str, url: str, out_dir: str) -> None:
                     state = res.state
                     steps.append({"weights": res.weights, "pieces": pieces, "state": state})
                 saved[f"{case.name}/{variant}"] = steps
+        saved["models"] = _models(client, rank, world)
     torch.save(saved, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, MODEL_TASKS))
+
+
+def _task_grads(model: torch.nn.Module, x: torch.Tensor, local: Any) -> dict[str, list[torch.Tensor]]:
+    """One backward per task; the last task's gradients stay in .grad (the combine writes over them)."""
+    params = list(model.parameters())
+    out: dict[str, list[torch.Tensor]] = {}
+    for i in range(MODEL_TASKS):
+        model.zero_grad(set_to_none=True)
+        (model(x)[:, i] ** 2).mean().backward()
+        grads = [local(p.grad) for p in params]
+        out[f"task{i}"] = grads if i == MODEL_TASKS - 1 else [g.clone() for g in grads]
+    return out
+
+
+def _models(client: Any, rank: int, world: int) -> dict[str, Any]:
+    """FSDP2 (`fully_shard`, sharded) and DDP (replicated) models, MODEL_STEPS steps of MODEL_METHOD."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    fsdp = _net()
+    fully_shard(fsdp[0])
+    fully_shard(fsdp[2])
+    fully_shard(fsdp)
+    ddp = DistributedDataParallel(_net())
+    saved: dict[str, Any] = {"fsdp2": [], "ddp": []}
+    states: dict[str, Any] = {"fsdp2": None, "ddp": None}
+    for step in range(MODEL_STEPS):
+        x = torch.randn(8, 6, generator=torch.Generator().manual_seed(step))
+        for name, model, sharded in (("fsdp2", fsdp, True), ("ddp", ddp, False)):
+            local = (lambda g: g.to_local()) if sharded else (lambda g: g)
+            groups = _task_grads(model, x, local)
+            inputs = {n: [g.clone() for g in gs] for n, gs in groups.items()}
+            out = [local(p.grad) for p in model.parameters()]
+            res = distributed.combine(
+                client, groups=groups, method=MODEL_METHOD, sharded=sharded, out=out, state=states[name]
+            )
+            states[name] = res.state
+            saved[name].append(
+                {
+                    "weights": res.weights,
+                    "inputs": inputs,
+                    "combined": [o.clone() for o in out],
+                    "state": res.state,
+                }
+            )
+    return saved
 
 
 def errors(rank: int, world: int, store: str, url: str, hang_url: str, out_dir: str) -> None:
@@ -104,7 +160,10 @@ def errors(rank: int, world: int, store: str, url: str, hang_url: str, out_dir: 
         bad = {g: [shard(t, rank, world) for t in ts] for g, ts in full.items()}
         if rank == world - 1:
             bad["retain"] = bad["retain"][:-1]  # one rank's slice is broken
-        attempt("bad-slice", lambda: distributed.combine(client, sharded=True, **call_args(case, bad), method="munba"))
+        attempt(
+            "bad-slice",
+            lambda: distributed.combine(client, sharded=True, **call_args(case, bad), method="munba"),
+        )
         attempt(
             "server-hangs",
             lambda: distributed.combine(hang, **call_args(case, full), method="munba", timeout=1.5),
