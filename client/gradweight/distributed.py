@@ -25,7 +25,7 @@ import asyncio
 import datetime
 import pickle
 import threading
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -62,6 +62,8 @@ class _Step:
     out: Sequence[Array] | None
     sharded: bool
     mode: Mode
+    inputs: dict[str, Any]  # forget, retain, groups and state as passed
+    gram: list[list[float]] | None = None
 
     @classmethod
     def of(
@@ -69,12 +71,13 @@ class _Step:
         forget: Gradients | None,
         retain: Gradients | None,
         method: MethodLike | None,
-        groups: Mapping[str, Gradients] | None,
         *,
+        groups: Mapping[str, Gradients] | None,
         sharded: bool,
         mode: Mode,
         layout: Layout,
         dtype: str | None,
+        state: str | None,
         out: Sequence[Array] | None,
         process_group: Any,
         src: int,
@@ -109,13 +112,76 @@ class _Step:
         if not 0 <= src < size:
             raise ValueError(f"src must be a rank of the group (0..{size - 1}), not {src}")
         rank = dist.get_rank(process_group)
+        inputs = {"forget": forget, "retain": retain, "groups": groups, "state": state}
         return cls(
-            process_group, src, rank, timeout, names, group_arg, method, layout, dtype, out, sharded, mode
+            process_group,
+            src,
+            rank,
+            timeout,
+            names,
+            group_arg,
+            method,
+            layout,
+            dtype,
+            out,
+            sharded,
+            mode,
+            inputs,
         )
 
     @property
     def asking(self) -> bool:
         return self.rank == self.src
+
+    # ---- the step: prepare (every rank), ask (the asking rank, sync or async), finish (every rank) ---
+    def prepare(self) -> None:
+        """Sharded: this rank's partial gram, summed over the group (every rank, before anyone asks)."""
+        if self.sharded:
+            try:
+                parts, failure = _gram.gram(self.ordered()), None
+            except Exception as exc:
+                parts, failure = None, exc
+            self.gram = self.reduce(parts, failure)
+
+    def ask(self, client: Client | AsyncClient) -> Any:
+        """The one request of the step: a result, or a coroutine for an AsyncClient."""
+        i = self.inputs
+        if self.sharded:
+            return client.weights(self.gram, self.method, groups=self.group_arg, state=i["state"])
+        return client.combine(
+            i["forget"],
+            i["retain"],
+            self.method,
+            groups=i["groups"],
+            layout=self.layout,
+            dtype=self.dtype,
+            mode=self.mode,
+            state=i["state"],
+        )
+
+    def finish(self, got: Any, failure: BaseException | None) -> CombineResult:
+        """Shares the asking rank's answer (or failure) and forms this rank's result."""
+        answer = None
+        if self.asking and failure is None:
+            try:
+                answer = (
+                    _Answer(got, self.gram)
+                    if self.sharded
+                    else _Answer.of(got, with_shapes=self.mode == "full")
+                )
+            except Exception as exc:
+                failure = exc
+        shared = self.share(answer, failure)
+        if self.sharded:
+            return self.weighted(self.ordered(), shared)
+        if shared.shapes is not None:  # full mode: the combined gradient itself
+            return self.spread(got if self.asking else None, shared)
+        if self.asking:  # gram mode: the asking rank's own local sum is what every rank forms
+            if self.out is not None:
+                _copy_into(got, self.out)
+            mine: CombineResult = got
+            return mine
+        return replace(self.weighted(self.ordered(), shared), timing=dict(shared.timing or {}))
 
     # ---- collectives, each bounded -------------------------------------------------------------
     def _wire_device(self) -> Any:
@@ -191,10 +257,9 @@ class _Step:
         return shared
 
     # ---- the local half of the results ---------------------------------------------------------------
-    def ordered(
-        self, forget: Gradients | None, retain: Gradients | None, groups: Mapping[str, Gradients] | None
-    ) -> list[Group]:
-        named: Mapping[str, Any] = groups if groups is not None else {"forget": forget, "retain": retain}
+    def ordered(self) -> list[Group]:
+        i = self.inputs
+        named: Mapping[str, Any] = i["groups"] if i["groups"] is not None else i
         return [as_group(named[n], n) for n in self.names]
 
     def weighted(self, ordered: list[Group], answer: _Answer) -> CombineResult:
@@ -212,7 +277,7 @@ class _Step:
             flat, per_key = _gram.combine(ordered, weights, layout=self.layout, dtype=self.dtype)
         return answer.result(flat, per_key, str(ordered[0].arrays[0].device))
 
-    def spread(self, mine: CombineResult | None, answer: _Answer, device: Any) -> CombineResult:
+    def spread(self, mine: CombineResult | None, answer: _Answer) -> CombineResult:
         """Replicated full mode: the asking rank's combined gradient, broadcast as bytes to every rank."""
         torch = require_torch()
         assert answer.shapes is not None
@@ -222,6 +287,7 @@ class _Step:
             flat = torch.cat([p.reshape(-1) for p in pieces]) if len(pieces) > 1 else pieces[0].reshape(-1)
             flat = flat.contiguous()
         else:
+            device = self.ordered()[0].arrays[0].device
             numel = sum(_numel(s) for s in answer.shapes.values())
             flat = torch.empty(numel, dtype=getattr(torch, answer.dtype), device=device)
         self._broadcast(flat.view(torch.uint8), self.timeout, "the combined gradient")
@@ -374,14 +440,6 @@ def _bounded(call: Callable[[], T], seconds: float) -> T:
     return value
 
 
-def _device_of(ordered: Callable[[], list[Group]]) -> Any:
-    torch = require_torch()
-    try:
-        return ordered()[0].arrays[0].device
-    except Exception:
-        return torch.device("cpu")
-
-
 def combine(
     client: Client,
     forget: Gradients | None = None,
@@ -412,54 +470,26 @@ def combine(
         forget,
         retain,
         method,
-        groups,
+        groups=groups,
         sharded=sharded,
         mode=mode,
         layout=layout,
         dtype=dtype,
+        state=state,
         out=out,
         process_group=process_group,
         src=src,
         timeout=timeout,
     )
-
-    def ordered() -> list[Group]:
-        return step.ordered(forget, retain, groups)
-
-    if sharded:
-        parts, failure = _local_gram(ordered)
-        gram = step.reduce(parts, failure)
-        answer, failure = None, None
-        if step.asking:
-            try:
-                w = _bounded(
-                    lambda: client.weights(gram, step.method, groups=step.group_arg, state=state), timeout
-                )
-                answer = _Answer(w, gram)
-            except Exception as exc:
-                failure = exc
-        return step.weighted(ordered(), step.share(answer, failure))
-    mine, answer, failure = None, None, None
+    step.prepare()
+    got: Any = None
+    failure: BaseException | None = None
     if step.asking:
         try:
-            mine = _bounded(
-                lambda: client.combine(
-                    forget,
-                    retain,
-                    step.method,
-                    groups=groups,
-                    layout=layout,
-                    dtype=dtype,
-                    mode=mode,
-                    state=state,
-                ),
-                timeout,
-            )
-            answer = _Answer.of(mine, with_shapes=mode == "full")
+            got = _bounded(lambda: step.ask(client), timeout)
         except Exception as exc:
             failure = exc
-    answer = step.share(answer, failure)
-    return _replicated(step, ordered, mine, answer)
+    return step.finish(got, failure)
 
 
 async def acombine(
@@ -485,74 +515,25 @@ async def acombine(
         forget,
         retain,
         method,
-        groups,
+        groups=groups,
         sharded=sharded,
         mode=mode,
         layout=layout,
         dtype=dtype,
+        state=state,
         out=out,
         process_group=process_group,
         src=src,
         timeout=timeout,
     )
-
-    def ordered() -> list[Group]:
-        return step.ordered(forget, retain, groups)
-
-    async def ask(call: Awaitable[T]) -> T:
-        try:
-            return await asyncio.wait_for(call, timeout)
-        except asyncio.TimeoutError:
-            raise StepTimeout(f"the server did not answer within {timeout:g} s") from None
-
-    if sharded:
-        parts, failure = await asyncio.to_thread(_local_gram, ordered)
-        gram = await asyncio.to_thread(step.reduce, parts, failure)
-        answer, failure = None, None
-        if step.asking:
-            try:
-                w = await ask(client.weights(gram, step.method, groups=step.group_arg, state=state))
-                answer = _Answer(w, gram)
-            except Exception as exc:
-                failure = exc
-        shared = await asyncio.to_thread(step.share, answer, failure)
-        return await asyncio.to_thread(step.weighted, ordered(), shared)
-    mine, answer, failure = None, None, None
+    await asyncio.to_thread(step.prepare)
+    got: Any = None
+    failure: BaseException | None = None
     if step.asking:
         try:
-            mine = await ask(
-                client.combine(
-                    forget,
-                    retain,
-                    step.method,
-                    groups=groups,
-                    layout=layout,
-                    dtype=dtype,
-                    mode=mode,
-                    state=state,
-                )
-            )
-            answer = _Answer.of(mine, with_shapes=mode == "full")
+            got = await asyncio.wait_for(step.ask(client), timeout)
+        except asyncio.TimeoutError:
+            failure = StepTimeout(f"the server did not answer within {timeout:g} s")
         except Exception as exc:
             failure = exc
-    shared = await asyncio.to_thread(step.share, answer, failure)
-    return await asyncio.to_thread(_replicated, step, ordered, mine, shared)
-
-
-def _local_gram(ordered: Callable[[], list[Group]]) -> tuple[list[list[float]] | None, Exception | None]:
-    try:
-        return _gram.gram(ordered()), None
-    except Exception as exc:
-        return None, exc
-
-
-def _replicated(
-    step: _Step, ordered: Callable[[], list[Group]], mine: CombineResult | None, answer: _Answer
-) -> CombineResult:
-    if answer.shapes is not None:  # full mode: the combined gradient itself
-        return step.spread(mine, answer, _device_of(ordered))
-    if mine is not None:  # gram mode on the asking rank: its own local sum is everyone's
-        if step.out is not None:
-            _copy_into(mine, step.out)
-        return mine
-    return replace(step.weighted(ordered(), answer), timing=dict(answer.timing or {}))
+    return await asyncio.to_thread(step.finish, got, failure)
