@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +66,9 @@ def _split(flat: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     return [p.clone() for p in flat.reshape(-1).split(sizes)]
 
 
-def results(rank: int, world: int, store: str, url: str, out_dir: str) -> None:
-    """Every case x variant for STEPS steps, stateful methods carrying `state`; saved per rank."""
+def run(rank: int, world: int, store: str, url: str, hang_url: str, out_dir: str) -> None:
+    """Every case x variant for STEPS steps (stateful methods carrying `state`), then the models; saved
+    per rank. On 2 ranks the failure cases follow, last: they leave the group out of step."""
     _init(rank, world, store)
     saved: dict[str, Any] = {}
     with gradweight.Client(url) as client:
@@ -83,6 +83,9 @@ def results(rank: int, world: int, store: str, url: str, out_dir: str) -> None:
                 saved[f"{case.name}/{variant}"] = steps
         saved["models"] = _models(client, rank, world)
     torch.save(saved, os.path.join(out_dir, f"rank{rank}.pt"))
+    if world == 2:
+        _errors(rank, world, url, hang_url, out_dir)
+        os._exit(0)  # the group is out of step after "asker-missing": do not tear it down collectively
     dist.barrier()
     dist.destroy_process_group()
 
@@ -138,9 +141,8 @@ def _models(client: Any, rank: int, world: int) -> dict[str, Any]:
     return saved
 
 
-def errors(rank: int, world: int, store: str, url: str, hang_url: str, out_dir: str) -> None:
+def _errors(rank: int, world: int, url: str, hang_url: str, out_dir: str) -> None:
     """Failures reach every rank and timeouts end as errors; records (what, exception type, text)."""
-    _init(rank, world, store)
     case = CASES[0]
     got: list[tuple[str, str, str]] = []
 
@@ -175,12 +177,3 @@ def errors(rank: int, world: int, store: str, url: str, hang_url: str, out_dir: 
                 lambda: distributed.combine(client, **call_args(case, full), method="munba", timeout=1.0),
             )
     torch.save(got, os.path.join(out_dir, f"errors{rank}.pt"))
-    os._exit(0)  # the group is out of step after "asker-missing": do not tear it down collectively
-
-
-def main_guard(fn: Any, *args: Any) -> None:
-    try:
-        fn(*args)
-    except BaseException:
-        traceback.print_exc()
-        raise

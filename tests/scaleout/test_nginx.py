@@ -1,4 +1,4 @@
-"""nginx (docker/nginx/nginx.conf, Debian's package) in front of two gradweight-server processes.
+"""nginx (docker/nginx/nginx.conf, Debian's package) in front of two gradweight servers.
 
 Stateful methods' steps alternate between the replicas and give what one server gives; a replica
 stopped mid-run leaves the run complete; the client's request ID, the body limit and body streaming
@@ -38,8 +38,17 @@ INFLIGHT = re.compile(r"^gradweight_inflight_requests (\S+)$", re.M)
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[dict[str, Any]]:
-    with lb.replicas(2, {"GRADWEIGHT_TOKEN": TOKEN}) as reps, lb.nginx([u for _, u in reps]) as url:
-        yield {"url": url, "replicas": reps}
+    """Two replicas (uvicorn servers of their own, on their own ports, in threads of this process: a
+    server process would import torch again, most of this file's time) behind nginx."""
+    from conftest import _start  # tests/conftest.py's in-thread uvicorn server
+
+    reps = [_start(token=TOKEN), _start(token=TOKEN)]
+    try:
+        with lb.nginx([r.url for r in reps]) as url:
+            yield {"url": url, "replicas": reps}
+    finally:
+        for r in reps:
+            r.stop()
 
 
 def served(url: str) -> int:
@@ -90,10 +99,10 @@ def stateful_methods(url: str) -> list[dict[str, Any]]:
 def test_stateful_steps_alternate_between_replicas_and_match_one_server(cluster):
     url, reps = cluster["url"], cluster["replicas"]
     for method in stateful_methods(url):
-        one = run(reps[0][1], method, STEPS)  # one server, every step
-        before = [served(u) for _, u in reps]
+        one = run(reps[0].url, method, STEPS)  # one server, every step
+        before = [served(r.url) for r in reps]
         through = run(url, method, STEPS)
-        after = [served(u) for _, u in reps]
+        after = [served(r.url) for r in reps]
         # round robin: each replica served every other step, each step carrying the previous one's state
         assert [a - b for a, b in zip(after, before)] == [STEPS // 2, STEPS // 2], method
         assert all(r.state for r in through[:-1]), method
@@ -150,7 +159,9 @@ def test_bodies_stream_through_nginx_unbuffered(cluster):
         deadline = time.monotonic() + 20
         seen = 0.0
         while time.monotonic() < deadline and seen < 1:
-            seen = sum(float(INFLIGHT.findall(httpx.get(u + "/metrics").text)[0]) for _, u in reps)
+            seen = sum(
+                float(INFLIGHT.findall(httpx.get(u + "/metrics").text)[0]) for u in (r.url for r in reps)
+            )
             time.sleep(0.05)
     assert seen >= 1
     text = lb.NGINX_CONF.read_text()
@@ -177,14 +188,14 @@ def test_a_replica_stopped_mid_run_the_run_completes_on_the_other(cluster):
     url, reps = cluster["url"], cluster["replicas"]
     method = {"name": "gradvac", "seed": 5}
     steps = 6
-    one = run(reps[1][1], method, steps)
-    before = served(reps[1][1])
+    one = run(reps[1].url, method, steps)
+    before = served(reps[1].url)
 
     def between(step: int) -> None:
         if step == 2:
-            lb.stop(reps[0][0])
+            reps[0].stop()
 
     through = run(url, method, steps, between)
     same(through, one)
-    assert reps[0][0].poll() is not None
-    assert served(reps[1][1]) - before >= steps - 2  # every step after the stop went to replica 1
+    assert not reps[0].thread.is_alive()
+    assert served(reps[1].url) - before >= steps - 2  # every step after the stop went to replica 1
