@@ -22,16 +22,18 @@ torch is imported when a function here runs, never when `gradweight` is imported
 from __future__ import annotations
 
 import asyncio
+import builtins
 import datetime
-import pickle
+import json
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
+from . import errors
 from . import gram as _gram
 from .client import AsyncClient, Client, MethodLike
-from .errors import GradweightError
+from .errors import APIError, GradweightError
 from .tensors import Gradients, Group, as_group, require_torch
 from .types import Array, CombineResult, Layout, Mode, WeightsResult
 
@@ -231,12 +233,12 @@ class _Step:
         rows: list[list[float]] = host[: k * k].reshape(k, k).tolist()
         return rows
 
-    def share(self, answer: T | None, failure: BaseException | None) -> T:
+    def share(self, answer: _Answer | None, failure: BaseException | None) -> _Answer:
         """The asking rank's answer (or its failure) on every rank; raises the failure everywhere."""
         torch = require_torch()
         device = self._wire_device()
         if self.asking:
-            payload = _dumps(answer, failure)
+            payload = _encode(answer, failure)
             length = torch.tensor([len(payload)], dtype=torch.int64, device=device)
         else:
             length = torch.zeros(1, dtype=torch.int64, device=device)
@@ -248,13 +250,13 @@ class _Step:
         else:
             data = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
         self._broadcast(data, self.timeout, "the asking rank's answer")
-        ok, value = pickle.loads(data.cpu().numpy().tobytes())
+        value, error = _decode(data.cpu().numpy().tobytes())
         if failure is not None:
             raise failure
-        if not ok:
-            raise value
-        shared: T = value
-        return shared
+        if error is not None:
+            raise error
+        assert value is not None
+        return value
 
     # ---- the local half of the results ---------------------------------------------------------------
     def ordered(self) -> list[Group]:
@@ -328,6 +330,34 @@ class _Answer:
             dtype = str(next(iter(items.values())).dtype).removeprefix("torch.")
         return cls(w, res.gram, dict(res.timing), res.mode, dtype, shapes)
 
+    def to_json(self) -> dict[str, Any]:
+        w = self.weights
+        return {
+            "weights": {
+                "method": w.method,
+                "weights": w.weights,
+                "state": w.state,
+                "request_id": w.request_id,
+            },
+            "gram": self.gram,
+            "timing": self.timing,
+            "mode": self.mode,
+            "dtype": self.dtype,
+            "shapes": self.shapes,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> _Answer:
+        shapes = obj["shapes"]
+        return cls(
+            WeightsResult(**obj["weights"]),
+            obj["gram"],
+            obj["timing"],
+            obj["mode"],
+            obj["dtype"],
+            None if shapes is None else {k: tuple(v) for k, v in shapes.items()},
+        )
+
     def result(self, flat: Array | None, per_key: dict[str, Array], device: str) -> CombineResult:
         w = self.weights
         return CombineResult(
@@ -344,17 +374,36 @@ class _Answer:
         )
 
 
-def _dumps(answer: Any, failure: BaseException | None) -> bytes:
-    """Pickled (ok, value) for peers of the same job; an exception that does not survive pickling
-    travels as a GradweightError with its text."""
+def _encode(answer: _Answer | None, failure: BaseException | None) -> bytes:
+    """The asking rank's answer or failure as JSON: data only, so no rank ever unpickles another's bytes."""
     if failure is None:
-        return pickle.dumps((True, answer))
-    try:
-        data = pickle.dumps((False, failure))
-        pickle.loads(data)
-    except Exception:
-        data = pickle.dumps((False, GradweightError(f"{type(failure).__name__}: {failure}")))
-    return data
+        assert answer is not None
+        return json.dumps({"ok": answer.to_json()}).encode()
+    error: dict[str, Any] = {"type": type(failure).__name__, "detail": str(failure)}
+    if isinstance(failure, APIError):
+        error.update(detail=failure.detail, request_id=failure.request_id, retry_after=failure.retry_after)
+    return json.dumps({"error": error}).encode()
+
+
+def _decode(data: bytes) -> tuple[_Answer | None, BaseException | None]:
+    """The other side of `_encode`: the same exception class for the package's errors and Python's
+    built-in ones, a GradweightError carrying the class name for anything else."""
+    obj = json.loads(data)
+    if "ok" in obj:
+        return _Answer.from_json(obj["ok"]), None
+    e = obj["error"]
+    name, detail = str(e["type"]), str(e["detail"])
+    if name == StepTimeout.__name__:
+        return None, StepTimeout(detail)
+    cls = getattr(errors, name, None) or getattr(builtins, name, None)
+    if isinstance(cls, type) and issubclass(cls, APIError):
+        return None, cls(detail, request_id=e.get("request_id"), retry_after=e.get("retry_after"))
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            return None, cls(detail)
+        except Exception:
+            pass
+    return None, GradweightError(f"{name}: {detail}")
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -2,12 +2,13 @@
 
 `docker/nginx/nginx.conf` runs as shipped, with only the upstream servers, the listen address, one
 worker (so round robin is exact), and the paths of a non-installed nginx swapped in. Every wait is
-bounded. Used by tests/scaleout/test_nginx.py and bench/nginx.py.
+bounded. Used by tests/scaleout/ and bench/nginx.py.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -25,6 +27,22 @@ ROOT = Path(__file__).resolve().parents[2]
 NGINX_CONF = ROOT / "docker" / "nginx" / "nginx.conf"
 UPSTREAM = re.compile(r"^(\s*)server gradweight-\d+:8000 (.*);$", re.M)
 READY_S = 120.0
+_conftest: Any = None
+
+
+def start_server(**overrides: Any) -> Any:
+    """tests/conftest.py's in-thread uvicorn server on a free port (its `_start`), loaded by path: when
+    the whole suite runs, `import conftest` finds another directory's conftest."""
+    global _conftest
+    if _conftest is None:
+        spec = importlib.util.spec_from_file_location(
+            "gradweight_tests_conftest", ROOT / "tests" / "conftest.py"
+        )
+        assert spec is not None
+        assert spec.loader is not None
+        _conftest = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_conftest)
+    return _conftest._start(**overrides)
 
 
 def nginx_bin() -> str | None:

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dist_worker
 import gradweight
+import lb
 from dist_cases import CASES, STEPS
 
 pytestmark = pytest.mark.timeout(240)
@@ -107,9 +108,7 @@ def spawn(fn: Any, world: int, *args: Any) -> None:
 
 @pytest.fixture(scope="module")
 def server():
-    from conftest import _start  # tests/conftest.py's in-thread uvicorn server
-
-    live = _start()
+    live = lb.start_server()
     yield live
     live.stop()
 

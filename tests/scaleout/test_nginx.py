@@ -40,9 +40,7 @@ INFLIGHT = re.compile(r"^gradweight_inflight_requests (\S+)$", re.M)
 def cluster() -> Iterator[dict[str, Any]]:
     """Two replicas (uvicorn servers of their own, on their own ports, in threads of this process: a
     server process would import torch again, most of this file's time) behind nginx."""
-    from conftest import _start  # tests/conftest.py's in-thread uvicorn server
-
-    reps = [_start(token=TOKEN), _start(token=TOKEN)]
+    reps = [lb.start_server(token=TOKEN), lb.start_server(token=TOKEN)]
     try:
         with lb.nginx([r.url for r in reps]) as url:
             yield {"url": url, "replicas": reps}
