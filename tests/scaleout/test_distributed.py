@@ -223,3 +223,37 @@ def test_failures_and_timeouts_reach_every_rank(worlds):
     # the asking rank never comes: the other gives up after twice the timeout
     assert "asker-missing" not in got[0]
     assert got[1]["asker-missing"][0] == "StepTimeout", got
+
+
+def test_answers_and_errors_travel_as_data():
+    """What the asking rank broadcasts is JSON: the answer round-trips exactly, errors keep their class
+    (the package's and Python's built-in ones), anything else arrives as a GradweightError naming it."""
+    from gradweight.distributed import StepTimeout, _Answer, _decode, _encode
+
+    w = gradweight.WeightsResult(
+        method={"name": "gradvac"}, weights={"a": 0.1 + 0.2, "b": -1e-300}, state="{}"
+    )
+    answer = _Answer(w, [[1.0, 1 / 3], [1 / 3, 2.0]], {"x_ms": 1.5}, "full", "bfloat16", {"k": (2, 3)})
+    assert _decode(_encode(answer, None)) == (answer, None)
+
+    class Custom(Exception):
+        pass
+
+    sent = [
+        gradweight.InvalidGradients("bad shapes", request_id="r1", retry_after=None),
+        gradweight.Overloaded("busy", request_id="r2", retry_after=2.0),
+        ValueError("bad value"),
+        StepTimeout("late"),
+        Custom("odd"),
+    ]
+    for exc in sent:
+        value, got = _decode(_encode(None, exc))
+        assert value is None
+        if isinstance(exc, Custom):
+            assert type(got) is gradweight.GradweightError
+            assert str(got) == "Custom: odd"
+            continue
+        assert type(got) is type(exc)
+        assert str(got) == str(exc)
+        if isinstance(exc, gradweight.APIError):
+            assert (got.request_id, got.retry_after) == (exc.request_id, exc.retry_after)
