@@ -7,10 +7,13 @@ hold through nginx. `make test` installs nginx where it is missing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
+import struct
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -179,6 +182,45 @@ def test_no_replica_reachable_is_a_retryable_not_ready():
     assert r.headers["x-request-id"] == "lost-1"
     assert r.json()["code"] == "not-ready"
     assert gradweight.NotReady in gradweight.RETRYABLE
+
+
+def test_a_replica_failing_mid_request_the_client_retries_on_the_other(cluster):
+    """A replica that drops each connection once the request has started streaming to it: nginx cannot
+    replay a body it did not buffer, answers 503 `not-ready`, and the client's retry reaches the good one."""
+    dropped = []
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    sock.settimeout(0.2)
+    stop = threading.Event()
+
+    def drop() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                with contextlib.suppress(OSError):
+                    conn.recv(65536)  # the request has begun arriving ...
+                dropped.append(1)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # ... reset
+
+    thread = threading.Thread(target=drop, daemon=True)
+    thread.start()
+    good = cluster["replicas"][1]
+    method = {"name": "gradvac", "seed": 9}
+    try:
+        with lb.nginx([f"http://127.0.0.1:{sock.getsockname()[1]}", good.url]) as url:
+            one = run(good.url, method, STEPS)
+            through = run(url, method, STEPS)
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        sock.close()
+    assert dropped  # the bad replica was tried
+    same(through, one)
 
 
 def test_a_replica_stopped_mid_run_the_run_completes_on_the_other(cluster):
