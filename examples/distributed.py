@@ -90,7 +90,7 @@ def unlearn(client: Client, strategy: str, method: str, steps: int, lr: float, d
         state = res.state
         opt.step()
         if rank == 0:
-            w = ", ".join(f"{k}={v:+.3f}" for k, v in res.weights.items())
+            w = ", ".join(f"{k}={v:+.3f}" for k, v in (res.weights or {}).items())
             print(
                 f"{strategy} step {step:3d}  forget loss {forget_loss.item():.3f}  "
                 f"retain loss {retain_loss.item():.3f}  weights {w}",

@@ -321,7 +321,8 @@ class _Answer:
 
     @classmethod
     def of(cls, res: CombineResult, *, with_shapes: bool) -> _Answer:
-        w = WeightsResult(method=res.method, weights=res.weights, state=res.state, request_id=res.request_id)
+        weights: Any = res.weights  # None for methods that have no weights (elementwise ones)
+        w = WeightsResult(method=res.method, weights=weights, state=res.state, request_id=res.request_id)
         shapes = None
         dtype = None
         if with_shapes:
