@@ -154,12 +154,15 @@ def same_bytes(forget: list[torch.Tensor], retain: list[torch.Tensor]) -> bool:
 
 
 def checks(sizes: list[float], n_tensors: int, device: str) -> None:
-    print(f"\n{'params/group':>12} {'gram err ours':>14} {'f32 dots':>9} {'same bytes 1/2 threads, worker':>31}")
+    header = (
+        f"{'params/group':>12} {'gram err ours':>14} {'f32 dots':>9} {'same bytes 1/2 threads, worker':>31}"
+    )
+    print(f"\n{header}")
     for size in sizes:
         forget, retain = make_lists(int(size), n_tensors, device)
         ours, f32 = gram_errors(forget, retain)
         same = same_bytes(forget, retain) if device == "cpu" else "n/a (cpu only)"
-        print(f"{int(size):>12,} {ours:>14.1e} {f32:>9.1e} {str(same):>31}")
+        print(f"{int(size):>12,} {ours:>14.1e} {f32:>9.1e} {same!s:>31}")
         del forget, retain
 
 

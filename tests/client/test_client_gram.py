@@ -15,7 +15,7 @@ def _groups(rng: np.random.Generator, k: int, dtype: type = np.float32) -> list[
 
 
 def test_gram_matches_float64_reference(rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(G, "SLICE", 4)  # exercise slicing on small inputs
+    monkeypatch.setattr(G, "lanes_for", lambda k, numel, cuda=False: 4)  # exercise chunks on small inputs
     raw = _groups(rng, 3)
     flat = np.stack([np.concatenate([a.reshape(-1) for a in g]).astype(np.float64) for g in raw])
     want = flat @ flat.T

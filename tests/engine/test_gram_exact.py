@@ -11,9 +11,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from gradweight import gram as client_gram
 from gradweight.errors import InvalidGradients
 from gradweight.methods import Munba, Nash, NoWeighting, Simple
-from gradweight_server.engine import check_gram, run
+from gradweight.tensors import as_group
+from gradweight_server.engine import check_gram, run, weights_from_gram
 from gradweight_server.engine.methods import nash
 from gradweight_server.engine.passes import gram
 
@@ -83,6 +85,20 @@ def test_gram_bound_at_four_million_parameters() -> None:
     r[1] = r[1] * 1e4
     groups = [r, f]
     assert relative_error(gram(groups)[0], exact_gram(groups)) <= GRAM_TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_gram_mode_computes_the_same_bytes_and_weights(dtype: torch.dtype) -> None:
+    """The client's numpy gram (gram mode) and the server's are one scheme: equal bit for bit."""
+    groups = badly_scaled(dtype, seed=8)
+    local = client_gram.gram([as_group(g, "g") for g in groups])
+    assert local == gram(groups)[0].tolist()
+    named = dict(zip(("retain", "forget"), groups[:2]))
+    full = run(Nash(), named).weights
+    assert (
+        weights_from_gram(Nash(), client_gram.gram([as_group(g, "g") for g in groups[:2]]), list(named))[0]
+        == full
+    )
 
 
 def seed_munba_weights64(k: np.ndarray) -> tuple[float, float]:
