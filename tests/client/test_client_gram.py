@@ -68,7 +68,7 @@ def test_local_combine_half_and_dtype(rng: np.random.Generator) -> None:
 
 
 def test_gram_and_combine_bfloat16(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(G, "SLICE", 8)
+    monkeypatch.setattr(G, "lanes_for", lambda k, numel, cuda=False: 8)
     a = [torch.randn(5, 7).bfloat16(), torch.randn(3).bfloat16()]
     b = [torch.randn(5, 7).bfloat16(), torch.randn(3).bfloat16()]
     groups = [as_group(a, "a"), as_group(b, "b")]
