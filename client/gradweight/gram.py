@@ -11,7 +11,7 @@ The weighted sum is formed locally, on the gradients' own device, straight into 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -51,44 +51,77 @@ def _on_device(a: Array) -> bool:
     return is_torch(a) and a.device.type != "cpu"
 
 
-def gram(groups: Sequence[Group]) -> list[list[float]]:
-    """K[i][j] = <flat(group i), flat(group j)>, exact to float64 rounding; groups share keys and shapes.
+class NumpyLanes:
+    """Host arithmetic for `lanes_gram`: single-threaded numpy (bfloat16 tensors widened by torch)."""
 
-    On the host the work is single-threaded numpy on cache-sized lanes: trainers' CPUs are busy, and
-    thread pools on many small operations under contention cost far more than they save."""
-    _check(groups)
-    if _on_device(groups[0].arrays[0]):
-        return _gram_device(groups)
-    k = len(groups)
-    numel = int(groups[0].numel)
-    lanes = lanes_for(k, numel)
-    x = np.empty((k, lanes), dtype=np.float64)
-    acc = np.zeros((k * (k + 1) // 2, lanes), dtype=np.float64)
-    prod = np.empty((k, lanes), dtype=np.float64)
+    def __init__(self, lanes: int) -> None:
+        self.lanes = lanes
+
+    def new(self, rows: int) -> Any:
+        return np.zeros((rows, self.lanes), dtype=np.float64)
+
+    def put(self, dst: Any, src: Array) -> None:
+        if isinstance(src, np.ndarray):
+            np.copyto(dst, src, casting="unsafe")
+        else:  # a bfloat16 CPU tensor: torch converts
+            torch = torch_or_none()
+            assert torch is not None
+            torch.from_numpy(dst).copy_(src)
+
+    def muladd(self, acc: Any, x: Any, xs: Any, prod: Any) -> None:
+        np.multiply(x, xs, out=prod)
+        np.add(acc, prod, out=acc)
+
+    def add(self, acc: Any, other: Any) -> None:
+        np.add(acc, other, out=acc)
+
+
+class TorchLanes:
+    """Device (or server) arithmetic for `lanes_gram`: torch elementwise operations, each one IEEE
+    operation per element, so how torch splits them across threads changes no bit."""
+
+    def __init__(self, lanes: int, device: Any, exact_products: bool) -> None:
+        self.lanes, self.device, self.exact_products = lanes, device, exact_products
+
+    def new(self, rows: int) -> Any:
+        torch = torch_or_none()
+        assert torch is not None
+        return torch.zeros((rows, self.lanes), dtype=torch.float64, device=self.device)
+
+    def put(self, dst: Any, src: Any) -> None:
+        dst.copy_(src)
+
+    def muladd(self, acc: Any, x: Any, xs: Any, prod: Any) -> None:
+        if self.exact_products:  # x * xs is exact in float64: one rounding, fused or not
+            acc.addcmul_(x, xs)
+        else:  # a float64 product rounds: multiply, then add, never fused
+            torch = torch_or_none()
+            assert torch is not None
+            torch.mul(x, xs, out=prod)
+            acc.add_(prod)
+
+    def add(self, acc: Any, other: Any) -> None:
+        acc.add_(other)
+
+
+def lanes_gram(keys: Iterable[Sequence[Any]], k: int, ops: NumpyLanes | TorchLanes) -> list[float]:
+    """The upper triangle (row by row) of the gram of k flat arrays per key, by the lane scheme above."""
+    lanes = ops.lanes
+    x, acc, prod = ops.new(k), ops.new(k * (k + 1) // 2), ops.new(k)
     starts = [i * k - i * (i - 1) // 2 for i in range(k)]
-    torch = torch_or_none()
-    x_torch = torch.from_numpy(x) if torch is not None else None
 
     def accumulate(m: int) -> None:
         for i in range(k):
-            p = prod[: k - i, :m]
-            np.multiply(x[i : i + 1, :m], x[i:, :m], out=p)
-            rows = acc[starts[i] : starts[i] + k - i, :m]
-            np.add(rows, p, out=rows)
+            ops.muladd(acc[starts[i] : starts[i] + k - i, :m], x[i : i + 1, :m], x[i:, :m], prod[: k - i, :m])
 
     fill = 0
-    for t in range(len(groups[0].arrays)):
-        flats = [_host_flat(g.arrays[t]) for g in groups]
+    for flats in keys:
         n = int(flats[0].shape[0])
         s = 0
         while s < n:
             take = min(lanes - fill, n - s)
             for i, f in enumerate(flats):
-                if isinstance(f, np.ndarray):
-                    np.copyto(x[i, fill : fill + take], f[s : s + take], casting="unsafe")
-                else:  # a bfloat16 CPU tensor: torch converts
-                    assert x_torch is not None
-                    x_torch[i, fill : fill + take].copy_(f[s : s + take])
+                ops.put(x[i, fill : fill + take], f[s : s + take])
             fill += take
             s += take
             if fill == lanes:
@@ -99,9 +132,31 @@ def gram(groups: Sequence[Group]) -> list[list[float]]:
     width = lanes
     while width > 1:
         half = width // 2
-        np.add(acc[:, :half], acc[:, half:width], out=acc[:, :half])
+        ops.add(acc[:, :half], acc[:, half:width])
         width = half
-    return _from_upper(acc[:, 0].tolist(), k)
+    upper: list[float] = acc[:, 0].tolist()
+    return upper
+
+
+def gram(groups: Sequence[Group]) -> list[list[float]]:
+    """K[i][j] = <flat(group i), flat(group j)>, exact to float64 rounding; groups share keys and shapes.
+
+    On the host the work is single-threaded numpy on cache-sized lanes: trainers' CPUs are busy, and
+    thread pools on many small operations under contention cost far more than they save."""
+    _check(groups)
+    k = len(groups)
+    numel = int(groups[0].numel)
+    keys = range(len(groups[0].arrays))
+    a0 = groups[0].arrays[0]
+    if not _on_device(a0):
+        host = (tuple(_host_flat(g.arrays[t]) for g in groups) for t in keys)
+        return _from_upper(lanes_gram(host, k, NumpyLanes(lanes_for(k, numel))), k)
+    torch = torch_or_none()
+    assert torch is not None
+    ops = TorchLanes(lanes_for(k, numel, cuda=True), a0.device, exact_products=a0.dtype != torch.float64)
+    with torch.no_grad():
+        device = (tuple(g.arrays[t].detach().reshape(-1) for g in groups) for t in keys)
+        return _from_upper(lanes_gram(device, k, ops), k)
 
 
 def _from_upper(upper: list[float], k: int) -> list[list[float]]:
@@ -120,50 +175,6 @@ def _host_flat(a: Array) -> Array:
         return a.reshape(-1)
     flat = a.detach().reshape(-1)
     return flat if dtype_name(flat) not in NUMPY_FLOATS else flat.numpy()
-
-
-def _gram_device(groups: Sequence[Group]) -> list[list[float]]:
-    """The same scheme on the gradients' GPU, in more lanes, with one synchronisation at the end."""
-    torch = torch_or_none()
-    assert torch is not None
-    k = len(groups)
-    device = groups[0].arrays[0].device
-    lanes = lanes_for(k, sum(a.numel() for a in groups[0].arrays), cuda=True)
-    x = torch.empty((k, lanes), dtype=torch.float64, device=device)
-    acc = torch.zeros((k * (k + 1) // 2, lanes), dtype=torch.float64, device=device)
-    prod = torch.empty((k, lanes), dtype=torch.float64, device=device)
-    starts = [i * k - i * (i - 1) // 2 for i in range(k)]
-
-    def accumulate(m: int) -> None:
-        for i in range(k):
-            p = prod[: k - i, :m]
-            torch.mul(x[i : i + 1, :m], x[i:, :m], out=p)
-            acc[starts[i] : starts[i] + k - i, :m].add_(p)
-
-    with torch.no_grad():
-        fill = 0
-        for t in range(len(groups[0].arrays)):
-            flats = [g.arrays[t].detach().reshape(-1) for g in groups]
-            n = flats[0].numel()
-            s = 0
-            while s < n:
-                take = min(lanes - fill, n - s)
-                for i, f in enumerate(flats):
-                    x[i, fill : fill + take].copy_(f[s : s + take])
-                fill += take
-                s += take
-                if fill == lanes:
-                    accumulate(lanes)
-                    fill = 0
-        if fill:
-            accumulate(fill)
-        width = lanes
-        while width > 1:
-            half = width // 2
-            acc[:, :half].add_(acc[:, half:width])
-            width = half
-        upper: list[float] = acc[:, 0].cpu().tolist()
-    return _from_upper(upper, k)
 
 
 def combine(

@@ -24,7 +24,7 @@ import math
 from collections.abc import Sequence
 
 import torch
-from gradweight.gram import lanes_for
+from gradweight.gram import TorchLanes, lanes_for, lanes_gram
 
 CPU_BLOCK = 1 << 18
 CUDA_BLOCK = 1 << 26
@@ -48,46 +48,10 @@ def gram(groups: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, torch.
     k = len(groups)
     first = groups[0]
     device = first[0].device
-    numel = sum(t.numel() for t in first)
-    lanes = lanes_for(k, numel, cuda=device.type == "cuda")
-    x = torch.empty(k, lanes, dtype=torch.float64, device=device)
-    acc = torch.zeros(k * (k + 1) // 2, lanes, dtype=torch.float64, device=device)
-    starts = [i * k - i * (i - 1) // 2 for i in range(k)]
-    exact_products = first[0].dtype != torch.float64
-    prod = None if exact_products else torch.empty(k, lanes, dtype=torch.float64, device=device)
-
-    def accumulate(m: int) -> None:
-        for i in range(k):
-            rows = acc[starts[i] : starts[i] + k - i, :m]
-            if prod is None:  # x_i x_j is exact in float64: one rounding, fused or not
-                rows.addcmul_(x[i : i + 1, :m], x[i:, :m])
-            else:  # a float64 product rounds: multiply, then add, never fused
-                p = prod[: k - i, :m]
-                torch.mul(x[i : i + 1, :m], x[i:, :m], out=p)
-                rows.add_(p)
-
-    fill = 0
-    for tensors in zip(*groups, strict=True):
-        flats = [_flat(t) for t in tensors]
-        n = flats[0].numel()
-        s = 0
-        while s < n:
-            take = min(lanes - fill, n - s)
-            for i, f in enumerate(flats):
-                x[i, fill : fill + take].copy_(f[s : s + take])
-            fill += take
-            s += take
-            if fill == lanes:
-                accumulate(lanes)
-                fill = 0
-    if fill:
-        accumulate(fill)
-    width = lanes
-    while width > 1:
-        half = width // 2
-        acc[:, :half].add_(acc[:, half:width])
-        width = half
-    upper = acc[:, 0].to(device="cpu")
+    lanes = lanes_for(k, sum(t.numel() for t in first), cuda=device.type == "cuda")
+    ops = TorchLanes(lanes, device, exact_products=first[0].dtype != torch.float64)
+    keys = ([_flat(t) for t in tensors] for tensors in zip(*groups, strict=True))
+    upper = torch.tensor(lanes_gram(keys, k, ops), dtype=torch.float64)
     rows, cols = _triu(k)
     out = torch.zeros(k, k, dtype=torch.float64)
     out[rows, cols] = upper
