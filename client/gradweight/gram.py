@@ -19,7 +19,7 @@ import numpy as np
 from .tensors import Group, dtype_name, is_torch, torch_or_none
 from .types import Array
 
-CPU_LANES = 1 << 16
+CPU_LANES = 1 << 14  # k = 2: the copies stay below torch's 32768-element parallel grain
 CUDA_LANES = 1 << 20
 CPU_SCRATCH = 1 << 19
 CUDA_SCRATCH = 1 << 22
