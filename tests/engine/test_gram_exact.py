@@ -199,3 +199,15 @@ def test_weights_refuse_real_asymmetry_and_indefinite_grams(
 ) -> None:
     with pytest.raises(InvalidGradients, match=message):
         check_gram(gram_rows, len(gram_rows))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_cuda_gram_is_exact_and_repeatable(dtype: torch.dtype) -> None:
+    groups = badly_scaled(dtype, seed=9)
+    on_gpu = [[t.cuda() for t in g] for g in groups]
+    first, again = gram(on_gpu)[0], gram(on_gpu)[0]
+    assert torch.equal(first, again)
+    assert relative_error(first, exact_gram(groups)) <= GRAM_TOL
+    assert client_gram.gram([as_group(g, "g") for g in on_gpu]) == first.tolist()
