@@ -28,7 +28,6 @@ from gradweight.gram import TorchLanes, lanes_for, lanes_gram
 
 CPU_BLOCK = 1 << 18
 CUDA_BLOCK = 1 << 21  # also the size of the combine's scratch: 8 MiB of float32 on the GPU
-WIDE = (torch.float32, torch.float64)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
