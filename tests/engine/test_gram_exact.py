@@ -88,17 +88,20 @@ def test_gram_bound_at_four_million_parameters() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_gram_mode_computes_the_same_bytes_and_weights(dtype: torch.dtype) -> None:
-    """The client's numpy gram (gram mode) and the server's are one scheme: equal bit for bit."""
+def test_gram_mode_gram_and_weights_agree_with_full_mode(dtype: torch.dtype) -> None:
+    """The client's numpy gram (gram mode, lanes) and the server's CPU gram (batched GEMMs) sum in
+    different orders; both are within the bound of exact, so the weights agree to 1e-12."""
     groups = badly_scaled(dtype, seed=8)
-    local = client_gram.gram([as_group(g, "g") for g in groups])
-    assert local == gram(groups)[0].tolist()
+    want = exact_gram(groups)
+    local = torch.tensor(client_gram.gram([as_group(g, "g") for g in groups]), dtype=torch.float64)
+    assert relative_error(local, want) <= GRAM_TOL
+    assert relative_error(gram(groups)[0], want) <= GRAM_TOL
     named = dict(zip(("retain", "forget"), groups[:2]))
     full = run(Nash(), named).weights
-    assert (
-        weights_from_gram(Nash(), client_gram.gram([as_group(g, "g") for g in groups[:2]]), list(named))[0]
-        == full
-    )
+    local_k = client_gram.gram([as_group(g, "g") for g in groups[:2]])
+    local_w = weights_from_gram(Nash(), local_k, list(named))[0]
+    for name in named:
+        assert abs(local_w[name] - full[name]) <= 1e-12 * abs(full[name])
 
 
 def seed_munba_weights64(k: np.ndarray) -> tuple[float, float]:
