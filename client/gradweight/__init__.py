@@ -15,6 +15,7 @@ from .errors import (
     InvalidGradients,
     InvalidMethod,
     MalformedBody,
+    MalformedReply,
     NonFinite,
     NotReady,
     Overloaded,
@@ -46,7 +47,7 @@ from .methods import (
 )
 from .remote import RemoteWeighting, apply_grads
 from .retry import Retry
-from .types import CombineResult, Health, MethodInfo, WeightsResult
+from .types import CombineResult, FileResult, Health, MethodInfo, WeightsResult
 
 __all__ = [
     "IMTLG",
@@ -62,6 +63,7 @@ __all__ = [
     "DeviceOutOfMemory",
     "DualProj",
     "FairGrad",
+    "FileResult",
     "GradVac",
     "GradweightError",
     "Health",
@@ -70,6 +72,7 @@ __all__ = [
     "InvalidMethod",
     "Krum",
     "MalformedBody",
+    "MalformedReply",
     "Mean",
     "MethodInfo",
     "MethodLike",

@@ -126,7 +126,6 @@ class Buffer:
     """One reply buffer, allocated once from Content-Length, filled in place, then viewed as tensors."""
 
     def __init__(self, size: int, *, torch_out: bool, pin: bool = False) -> None:
-        self.size = size
         self.torch_out = torch_out
         if torch_out:
             torch = _torch()
