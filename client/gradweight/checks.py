@@ -61,7 +61,7 @@ def check_weights(
     for name, value in weights.items():
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise MalformedReply(
-                f"weight of {name!r} is {str(value)[:40]}, not a finite number", request_id=request_id
+                f"weight of {name!r} is {str(value)[:40]!r}, not a finite number", request_id=request_id
             )
         out[name] = float(value)
     return out

@@ -34,6 +34,7 @@ from .wire import DTYPES, FLOAT_NAMES, TAG_BY_NAME, TensorInfo, parse
 
 __version__ = "0.1.0"
 log = logging.getLogger("gradweight")
+_clock = time.monotonic  # the retry deadline's clock; tests advance a fake one as they "sleep"
 
 T = TypeVar("T")
 MethodLike: TypeAlias = MethodSpec | Mapping[str, Any] | str
@@ -185,13 +186,13 @@ class BaseClient:
     def _send(self, call: Call) -> Op[Reply]:
         """Try until an answer, a final error, or the retry deadline (retry.py); one request ID for all."""
         request_id = uuid.uuid4().hex
-        start = time.monotonic()
+        start = _clock()
         for attempt in itertools.count():
             try:
                 reply: Reply = yield Exchange(self._request(call, request_id), call, request_id)
                 return reply
             except GradweightError as exc:
-                wait = self.retry.wait(attempt, exc, time.monotonic() - start) if call.retry else None
+                wait = self.retry.wait(attempt, exc, _clock() - start) if call.retry else None
                 if wait is None:
                     raise
                 log.warning(
