@@ -21,7 +21,7 @@ from typing import Any, TypeAlias, TypeVar
 
 import httpx
 
-from .checks import Expected, all_finite, check_weights, gives_weights, pair_or
+from .checks import Expected, check_weights, gives_weights, pair_or
 from .encoding import Blob, Body, blobs_of, body_from_blobs
 from .errors import GradweightError, InvalidMethod, MalformedBody, MalformedReply
 from .gram_mode import GramPlan
@@ -292,24 +292,17 @@ class BaseClient:
         )
 
     @staticmethod
-    def _views(plan: _Combine, reply: Reply) -> list[tuple[TensorInfo, Buffer]]:
-        """The reply's tensors in request order, each checked finite (the server never sends a NaN)."""
+    def _views(plan: _Combine, reply: Reply) -> list[TensorInfo]:
+        """The reply's tensors in request order (the sink checked names, shapes, dtype and finiteness)."""
         assert reply.file is not None
-        buf, infos = reply.file.buffer, {t.name: t for t in reply.file.header.tensors}
-        out = []
-        for name, _ in plan.expected.entries:
-            t = infos[name]
-            if not all_finite(buf.view[t.begin : t.end], t.dtype):
-                raise MalformedReply(f"tensor {name!r} holds a NaN or infinity", request_id=reply.request_id)
-            out.append((t, buf))
-        return out
+        infos = {t.name: t for t in reply.file.header.tensors}
+        return [infos[name] for name, _ in plan.expected.entries]
 
     def _combine_result(self, plan: _Combine, reply: Reply) -> CombineResult:
         assert reply.file is not None
         meta = reply.file.meta
-        arrays = [
-            buf.tensor(t.dtype, t.shape, t.begin, t.end, plan.device) for t, buf in self._views(plan, reply)
-        ]
+        buf = reply.file.buffer
+        arrays = [buf.tensor(t.dtype, t.shape, t.begin, t.end, plan.device) for t in self._views(plan, reply)]
         flat = arrays[0] if plan.expected.layout == "flat" else None
         per_key = {} if flat is not None else dict(zip(plan.keys, arrays, strict=True))
         return CombineResult(
@@ -405,12 +398,11 @@ class BaseClient:
             alloc=functools.partial(Buffer, torch_out=False),
         )
         reply = yield from self._send(plan.call)
-        views = yield Work(functools.partial(self._views, plan, reply))
         assert reply.file is not None
         meta = reply.file.meta
         return FileResult(
             data=reply.file.buffer.view,
-            tensors={t.name: (DTYPES[t.dtype][1], t.shape) for t, _ in views},
+            tensors={t.name: (DTYPES[t.dtype][1], t.shape) for t in self._views(plan, reply)},
             weights=check_weights(meta.weights, plan.expected.groups, reply.request_id, required=False),
             method=meta.method,
             gram=meta.gram,

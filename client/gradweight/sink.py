@@ -4,7 +4,8 @@ A twin's I/O loop hands each received chunk to a sink (`feed`) and asks it for t
 the sink never sees a socket. Every sink knows from the request how many bytes the answer may have, so
 a larger Content-Length is refused before anything is allocated and an endless body is cut off. A
 combine reply's header is checked against the request as soon as it is complete; then one buffer of the
-exact size is allocated and the payload is written straight into it (the result's tensors view it).
+exact size is allocated, the payload is written straight into it (the result's tensors view it) and
+each piece is checked finite as it arrives.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from typing import Any, Protocol, TypeVar
 import httpx
 
 from . import progress as _progress
-from .checks import Expected
+from .checks import Expected, all_finite
 from .encoding import ReplyMeta
 from .errors import MalformedBody, MalformedReply, TransportError, from_problem
 from .retry import parse_retry_after
 from .tensors import Buffer
-from .wire import Header, header_length, parse_header
+from .wire import DTYPES, Header, header_length, parse_header
 
 _S = TypeVar("_S", bound="_Base")
 ERROR_BODY_CAP = 64 * 1024
@@ -153,7 +154,7 @@ class FileSink(_Base):
         self.prefix = bytearray()
         self.file: tuple[Header, ReplyMeta] | None = None
         self.buffer: Buffer | None = None
-        self.pos = 0
+        self.pos = self.scanned = 0
         self.bar: _progress.Progress = _progress.NULL
 
     def _bad(self, detail: str) -> MalformedReply:
@@ -172,7 +173,19 @@ class FileSink(_Base):
         self.buffer.view[self.pos : end] = chunk
         self.bar.update(len(chunk))
         self.pos = end
+        self._scan()
         return True
+
+    def _scan(self) -> None:
+        """Check the values that arrived for NaN and infinity while they are still in cache: 5 % of a
+        loopback call at 50M float32 as a separate pass, 1.6 % here (bench/client.py)."""
+        itemsize = DTYPES[self.expected.tag][0]
+        upto = self.scanned + (self.pos - self.scanned) // itemsize * itemsize
+        if upto > self.scanned:
+            assert self.buffer is not None
+            if not all_finite(self.buffer.view[self.scanned : upto], self.expected.tag):
+                raise self._bad(f"the result holds a NaN or infinity (bytes {self.scanned} to {upto})")
+            self.scanned = upto
 
     def _header_done(self) -> bool:
         """Once the whole header is in: check it, then allocate the buffer the rest goes into."""
@@ -192,6 +205,7 @@ class FileSink(_Base):
             raise self._bad(f"header gives {header.end} bytes, over the {self.expected.limit} expected")
         meta = self.expected.check_header(header, self.request_id)
         self.file = (header, meta)
+        self.scanned = header.data_start
         self.buffer = self.alloc(header.end)
         self.bar = _progress.bar(header.end, "download", self.progress)
         return True
