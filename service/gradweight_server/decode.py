@@ -225,7 +225,7 @@ def assemble(parsed: Parsed, device: torch.device) -> Assembled:
     keys = _ordered_keys(list(first), parsed.order)
     dtypes = {_dtype_of(src, g, k) for g in names for k, src in present[g].items()}
     if len(dtypes) > 1:
-        raise InvalidGradients(f"mixed dtypes {sorted(str(d) for d in dtypes)}: use one float dtype")
+        raise InvalidGradients(f"mixed dtypes {sorted(_name(d) for d in dtypes)}: use one float dtype")
     shapes = [_shape_of(first[k]) for k in keys]
     for g in names[1:]:
         for k, shape in zip(keys, shapes):
@@ -252,11 +252,19 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+def _name(dtype: torch.dtype | str) -> str:
+    """The protocol's name of a torch dtype or a safetensors tag: "float32", never "torch.float32"/"F32"."""
+    if isinstance(dtype, str):
+        return wire.DTYPES[dtype][1] if dtype in wire.DTYPES else dtype
+    return str(dtype).removeprefix("torch.")
+
+
 def _dtype_of(src: Source, group: str, key: str) -> torch.dtype:
     if isinstance(src, torch.Tensor):
         return src.dtype
     if src.dtype not in TORCH_DTYPES:
-        raise InvalidGradients(f"group {group!r} key {key[:80]!r}: dtype {src.dtype} is not a float type")
+        name = _name(src.dtype)
+        raise InvalidGradients(f"group {group!r} key {key[:80]!r}: dtype {name} is not a float type")
     return TORCH_DTYPES[src.dtype]
 
 

@@ -235,6 +235,10 @@ def test_client_side_error_classes(live_server: Any, rng: np.random.Generator) -
         assert "forget" in nf.value.detail
         with pytest.raises(Degenerate):
             c.combine([torch.zeros_like(t) for t in f], r, "nash")
+    with Client(live_server.url, retries=0) as c, pytest.raises(InvalidGradients) as mixed:
+        c.combine([np.ones(3, np.float16)], [np.ones(3, np.float32)], "simple")  # numpy only: no torch names
+    assert "float16" in mixed.value.detail
+    assert "torch" not in mixed.value.detail
     # bodies the client never builds, sent raw: the server's problem documents map to the same classes
     for content_type, body, cls in [
         ("application/octet-stream", b"\xff" * 12, MalformedBody),

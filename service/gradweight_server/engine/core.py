@@ -120,4 +120,4 @@ def _check_output(
         for name, tensors in groups.items():
             if has_non_finite(tensors[row]):
                 raise NonFinite(f"group {name!r} key {key!r} contains NaN or infinity")
-    raise Degenerate(f"the weighted sum overflows {out.dtype}")
+    raise Degenerate(f"the weighted sum overflows {str(out.dtype).removeprefix('torch.')}")
