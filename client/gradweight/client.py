@@ -24,6 +24,7 @@ from .core import (
     Op,
     Sleep,
     Step,
+    Steps,
     T,
     __version__,
     method_json,
@@ -79,19 +80,14 @@ class Client(BaseClient):
 
     # ---- the I/O loop ----------------------------------------------------------------------------------
     def _run(self, op: Op[T]) -> T:
-        value: Any = None
-        error: Exception | None = None
-        while True:
+        steps = Steps(op)
+        for step in steps:
             try:
-                step = op.send(value) if error is None else op.throw(error)
-            except StopIteration as stop:
-                result: T = stop.value
-                return result
-            value, error = None, None
-            try:
-                value = self._step(step)
+                steps.outcome = self._step(step)
             except Exception as exc:
-                error = exc
+                steps.outcome = exc
+        result: T = steps.result
+        return result
 
     def _step(self, step: Step) -> Any:
         if isinstance(step, Exchange):
@@ -207,19 +203,14 @@ class AsyncClient(BaseClient):
 
     # ---- the I/O loop ----------------------------------------------------------------------------------
     async def _run(self, op: Op[T]) -> T:
-        value: Any = None
-        error: Exception | None = None
-        while True:
+        steps = Steps(op)
+        for step in steps:
             try:
-                step = op.send(value) if error is None else op.throw(error)
-            except StopIteration as stop:
-                result: T = stop.value
-                return result
-            value, error = None, None
-            try:
-                value = await self._step(step)
+                steps.outcome = await self._step(step)
             except Exception as exc:
-                error = exc
+                steps.outcome = exc
+        result: T = steps.result
+        return result
 
     async def _step(self, step: Step) -> Any:
         if isinstance(step, Exchange):

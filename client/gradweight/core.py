@@ -135,6 +135,29 @@ Step: TypeAlias = Exchange | Sleep | Work
 Op: TypeAlias = Generator[Step, Any, T]
 
 
+class Steps:
+    """The steps of one call, for a twin's loop: iterate them, and set `outcome` to what each step gave
+    (its value, or the exception it raised, which is thrown back into the call); `result` at the end."""
+
+    def __init__(self, op: Op[Any]) -> None:
+        self.op = op
+        self.outcome: Any = None
+        self.result: Any = None
+
+    def __iter__(self) -> Steps:
+        return self
+
+    def __next__(self) -> Step:
+        outcome, self.outcome = self.outcome, None
+        try:
+            if isinstance(outcome, Exception):
+                return self.op.throw(outcome)
+            return self.op.send(outcome)
+        except StopIteration as stop:
+            self.result = stop.value
+            raise StopIteration from None
+
+
 def json_sink(limit: int = JSON_REPLY_CAP) -> Callable[[int, httpx.Headers, str | None], Sink]:
     return lambda status, headers, rid: BytesSink(status, headers, rid, limit)
 
