@@ -15,6 +15,8 @@ import pytest
 from gradweight import Client, GradweightError, MalformedReply, Simple, TransportError, wire
 from gradweight.checks import Expected
 
+Handler = Callable[[httpx.Request], httpx.Response]
+
 F = [np.ones(4, np.float32)]
 R = [np.full(4, 2.0, np.float32)]
 GOOD_META = {"method": '{"name":"simple"}', "weights": '{"forget":1.0,"retain":1.0}', "device": "cpu"}
@@ -254,3 +256,37 @@ def test_mangled_replies_raise_only_gradweight_errors(rng: np.random.Generator) 
             except GradweightError as exc:
                 outcomes.add(type(exc).__name__)
     assert {"MalformedReply", "TransportError"} <= outcomes
+
+
+class Pieces(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """A body arriving `size` bytes at a time."""
+
+    def __init__(self, data: bytes, size: int) -> None:
+        self.data, self.size = data, size
+
+    def __iter__(self) -> Iterator[bytes]:
+        for i in range(0, len(self.data), self.size):
+            yield self.data[i : i + self.size]
+
+    async def __aiter__(self) -> Any:
+        for c in self:
+            yield c
+
+
+@pytest.mark.parametrize("size", [1, 7, 100])
+def test_reply_in_small_pieces(twin: Any, size: int) -> None:
+    """The header may arrive over many chunks, and the payload split at any byte (not at elements)."""
+    good = octet([GOOD]).content
+    nan = octet([("scaled_grad", "F32", (4,), f32([3, 3, 3, math.nan]))]).content
+
+    def handler(data: bytes) -> Handler:
+        def reply(request: httpx.Request) -> httpx.Response:
+            request.read()
+            return httpx.Response(200, stream=Pieces(data, size), headers={"Content-Length": str(len(data))})
+
+        return reply
+
+    with twin(handler(good), retries=0) as c:
+        np.testing.assert_array_equal(c.combine(F, R, "simple").scaled_grad, [3, 3, 3, 3])
+    with twin(handler(nan), retries=0) as c, pytest.raises(MalformedReply, match="NaN"):
+        c.combine(F, R, "simple")
