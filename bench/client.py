@@ -2,15 +2,16 @@
 
 A `gradweight-server` subprocess (CPU) serves every case; the inputs are two groups of `--numel` float32
 parameters in 100 torch tensors, method `simple`. Interleaved, `--repeat` times each:
-- `bare`: the request body prebuilt as bytes, sent and received over one keep-alive socket into a reused
-  buffer (bench/service.py's HTTPClient): the transport ceiling of a Python client;
+- `bare`: the request body prebuilt as bytes, sent over a plain socket and received into a reused buffer
+  (bench/service.py's HTTPClient): the transport ceiling of a Python client;
 - `combine`: `Client.combine(f, r, "simple")`, streamed upload, checked reply (shapes, dtype, weights and
   the NaN/infinity scan of the vector);
 - `gram`: `Client.combine(..., mode="gram")` (local gram, /v1/weights, local sum);
 - `unscanned`: `combine` with the reply's NaN/infinity scan switched off.
-It prints median seconds and the ratio to `bare`, the scan's cost (combine - unscanned) as a share of
-`combine`, and each mode's client peak extra memory (VmHWM over VmRSS once the inputs exist, in
-a fresh process per mode) as a multiple of the result's size.
+It prints median wall seconds, the ratio to `bare` and the client process's CPU seconds; the scan's
+cost (CPU of combine - unscanned, steadier than wall time on a shared machine) as a share of `combine`;
+and each mode's client peak extra memory (VmHWM over VmRSS once the inputs exist, in a fresh process per
+mode) as a multiple of the result's size.
 
     .venv/bin/python bench/client.py [--numel 5e7] [--repeat 7]
 """
@@ -101,11 +102,22 @@ def main() -> None:
         f, r = inputs(numel)
         groups = {"forget": as_group(f, "forget"), "retain": as_group(r, "retain")}
         body = combine_body(groups, method={"name": "simple"}).to_bytes()
-        bare = HTTPClient(port)
+        reused = bytearray(1 << 16)
+
+        def bare() -> None:
+            """A fresh connection each time (the server closes idle ones after 5 s), the buffer reused."""
+            nonlocal reused
+            sock = HTTPClient(port)
+            sock.buf = reused
+            sock.post("/v1/combine?layout=flat", body)
+            reused = sock.buf
+            sock.close()
+
         times: dict[str, list[float]] = {"bare": [], "combine": [], "gram": [], "unscanned": []}
+        cpu: dict[str, list[float]] = {k: [] for k in times}
         with gradweight.Client(url) as c:
             cases: dict[str, Callable[[], object]] = {
-                "bare": lambda: bare.post("/v1/combine?layout=flat", body),
+                "bare": bare,
                 "combine": lambda: c.combine(f, r, "simple"),
                 "gram": lambda: c.combine(f, r, "simple", mode="gram"),
                 "unscanned": lambda: unscanned(c, f, r),
@@ -114,20 +126,25 @@ def main() -> None:
                 fn()  # warm
             for _ in range(args.repeat):
                 for name, fn in cases.items():
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     fn()
                     times[name].append(time.perf_counter() - t0)
+                    cpu[name].append(time.process_time() - c0)
             res = c.combine(f, r, "simple")
-        bare.close()
         assert res.scaled_grad is not None
         med = {k: statistics.median(v) for k, v in times.items()}
+        med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
         mb_up, mb_down = len(body) / 1e6, res.scaled_grad.numel() * 4 / 1e6
         print(f"{numel:,} float32 parameters per group: {mb_up:.0f} MB up, {mb_down:.0f} MB down")
         print(f"median of {args.repeat} interleaved runs")
+        print(f"  {'case':>9}  {'wall':>7}  {'vs bare':>7}  {'client CPU':>10}")
         for name, secs in med.items():
-            print(f"  {name:>8}  {secs:7.3f} s  {secs / med['bare']:5.2f}x bare")
-        scan = med["combine"] - med["unscanned"]
-        print(f"  NaN/inf scan of the result: {scan * 1e3:.0f} ms, {scan / med['combine']:.1%} of combine")
+            print(f"  {name:>9}  {secs:6.3f}s  {secs / med['bare']:6.2f}x  {med_cpu[name]:9.3f}s")
+        scan = med_cpu["combine"] - med_cpu["unscanned"]
+        print(
+            f"  NaN/inf scan of the result: {scan * 1e3:.0f} ms of client CPU, "
+            f"{scan / med['combine']:.1%} of combine's wall time"
+        )
         for mode in ("full", "gram"):
             out = subprocess.run(
                 [sys.executable, __file__, "--numel", str(numel), "--memory", url, mode],
