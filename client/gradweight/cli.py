@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
         "--retries",
         type=int,
         default=argparse.SUPPRESS,
-        help="most retries on 503/connection failures (default: as many as fit in 60 s)",
+        help="most retries on 503/connection failures (default: as many as fit in 60 s; health: 0)",
     )
     common.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
@@ -82,14 +82,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _client(args: argparse.Namespace, *, progress: bool = False) -> Client:
+def _client(args: argparse.Namespace, *, progress: bool = False, retries: int | None = None) -> Client:
+    """A client from the arguments and environment; `retries` is the command's default for --retries."""
     url = getattr(args, "url", None) or os.environ.get("GRADWEIGHT_URL") or DEFAULT_URL
     token = getattr(args, "token", None) or os.environ.get("GRADWEIGHT_TOKEN") or None
     return Client(
         url,
         token=token,
         timeout=getattr(args, "timeout", 300.0),
-        retries=Retry.of(getattr(args, "retries", None)),
+        retries=Retry.of(getattr(args, "retries", retries)),
         progress=progress,
     )
 
@@ -184,7 +185,7 @@ def _methods(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with _client(args, retries=0) as client:  # "is it up now?": answered at once, not after 60 s
         h = client.health()
     if getattr(args, "json", False):
         print(json.dumps({"live": h.live, "ready": h.ready, **h.detail}))

@@ -151,7 +151,7 @@ def test_errors_and_exit_codes(
     assert cli.main(["methods", "--url", secured.url, "--token", "tok"]) == 0
     port = secured.port
     secured.stop()
-    code = cli.main(["health", "--url", f"http://127.0.0.1:{port}", "--retries", "0"])
+    code = cli.main(["health", "--url", f"http://127.0.0.1:{port}"])  # no retries by default: "up now?"
     assert code == cli.EXIT_TRANSPORT
     assert "cannot reach" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
