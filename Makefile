@@ -5,8 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
 # The one install recipe, shared with docker/Dockerfile (tests/test_docker.py compares them).
-SERVE_REQS := -e ./client -e ./service
+# The cvxpy extra too, so `make serve` serves every documented method (nash_mtl and cagrad need it).
+SERVE_REQS := -e ./client -e './service[cvxpy]'
 TEST_REQS := -e './client[torch,progress]' -e './service[test]'
+# Tested against, never depended on: its gradient_weighting module needs only pydantic and torch, and
+# --no-deps skips what the package declares (diffusers, jax, ...). Pinned in constraints.txt.
+NODEPS_TEST_REQS := vision-unlearning
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
@@ -16,11 +20,16 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.serve: $(BIN)/python constraints.txt client/pyproject.toml service/pyproject.toml
+	@echo "Installing gradweight, gradweight-server[cvxpy] and torch (pinned by constraints.txt) into $(VENV)"
+	@echo "(the first time takes a minute or more: torch alone is a large download) ..."
 	$(PIP) $(SERVE_REQS)
+	@echo "Installed; the server and the CLI are $(BIN)/gradweight-server and $(BIN)/gradweight."
 	touch $@
 
 $(VENV)/.test: $(VENV)/.serve
+	@echo "Installing the test tools and vision-unlearning (without its dependencies) into $(VENV) ..."
 	$(PIP) $(TEST_REQS)
+	$(PIP) --no-deps $(NODEPS_TEST_REQS)
 	touch $@
 
 serve: $(VENV)/.serve

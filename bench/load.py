@@ -118,7 +118,7 @@ def check(job: Job, groups: dict[str, list[torch.Tensor]], got: Any, weights: di
     got_t = torch.as_tensor(got)
     if got_t.shape != want.flat.shape or not torch.allclose(got_t, want.flat, rtol=1e-4, atol=1e-5):
         return False
-    return all(abs(weights[g] - w) <= 1e-6 * max(1.0, abs(w)) for g, w in want.weights.items())
+    return all(abs(weights[g] - w) <= 1e-6 * max(1.0, abs(w)) for g, w in (want.weights or {}).items())
 
 
 def client_loop(url: str, jobs: list[Job], tally: Tally, deadline: float, verify: bool) -> None:
@@ -142,7 +142,7 @@ def client_loop(url: str, jobs: list[Job], tally: Tally, deadline: float, verify
                     tally.errors[str(code)] += 1
                 continue
             elapsed = time.perf_counter() - t0
-            ok = not verify or check(job, groups, result.scaled_grad, result.weights)
+            ok = not verify or check(job, groups, result.scaled_grad, result.weights or {})
             with tally.lock:
                 tally.latencies.append(elapsed)
                 tally.body_bytes += 8 * job.numel

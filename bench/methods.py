@@ -7,8 +7,10 @@ For each method and each group count k it times, on k groups of `--params` float
   - torchjd weights: stack the tensor lists into a k x n matrix + Gramian + torchjd's weighting
   - torchjd full:    stack + torchjd's aggregator (it needs the stacked matrix)
 and prints medians of `--repeat` runs after one warm-up, the full-time ratio and the largest difference
-between the two combined gradients (relative to its largest entry). Then `nash` against torchjd's
-NashMTL(max_norm=0) at `--nash-k` groups, with each one's Nash residual max_i |(K a)_i a_i - 1|.
+between the two combined gradients (relative to its largest entry). The elementwise methods (no weights)
+also get the memory floor: one read of the k inputs plus one write of the output, timed as the combine
+pass with unit weights. Then `nash` against torchjd's NashMTL(max_norm=0) at `--nash-k` groups, with each
+one's Nash residual max_i |(K a)_i a_i - 1|.
 
     .venv/bin/python bench/methods.py [--params 1e6] [--ks 2 4 8 16 64] [--methods upgrad mean ...]
         [--repeat 3] [--tensors 20] [--nash-k 16] [--device cpu|cuda] [--threads N] [--plot f.png]
@@ -40,7 +42,17 @@ METHODS = (
     "mean",
     "sum",
     "nash_mtl",
+    "config",
+    "random",
+    "constant",
+    "trimmed_mean",
+    "graddrop",
+    "modo",
+    "pcd",
+    "sdmgrad",
+    "crmogm",
 )
+ELEMENTWISE = ("trimmed_mean", "graddrop")
 
 
 def options(name: str, k: int) -> dict[str, Any]:
@@ -50,6 +62,11 @@ def options(name: str, k: int) -> dict[str, Any]:
         "cagrad": {"c": 0.4},
         "krum": {"n_byzantine": 1 if k >= 4 else 0},
         "fairgrad": {"alpha": 1.0},
+        "random": {"seed": 0},
+        "constant": {"weights": {f"task{i}": 1.0 + i % 3 for i in range(k)}},
+        "trimmed_mean": {"trim_number": k // 4},
+        "graddrop": {"seed": 0},
+        "crmogm": {"weighting": {"name": "upgrad"}},
     }
     return table.get(name, {})
 
@@ -102,10 +119,13 @@ def seeded(spec: Any, fn: Callable[[], Any]) -> Callable[[], Any]:
     return call
 
 
-def torchjd_objects(spec: Any, k: int) -> tuple[Any, Callable[[torch.Tensor], torch.Tensor]]:
+def torchjd_objects(spec: Any, k: int) -> tuple[Any, Callable[[torch.Tensor], torch.Tensor] | None]:
     """(aggregator, weights-from-matrix) for spec, built as a torchjd user would."""
     from torchjd import aggregation as A
 
+    if spec.name in ("modo", "sdmgrad"):  # matrix weightings of a k x k matrix: the user forms J Jᵀ
+        weighting = A.MoDoWeighting() if spec.name == "modo" else A.SDMGradWeighting()
+        return (lambda m: weighting(m @ m.T) @ m), (lambda m: weighting(m @ m.T))
     makers: dict[str, Callable[[], Any]] = {
         "upgrad": A.UPGrad,
         "dualproj": A.DualProj,
@@ -120,12 +140,19 @@ def torchjd_objects(spec: Any, k: int) -> tuple[Any, Callable[[torch.Tensor], to
         "mean": A.Mean,
         "sum": A.Sum,
         "nash_mtl": lambda: A.NashMTL(n_tasks=k),
+        "config": A.ConFIG,
+        "random": A.Random,
+        "constant": lambda: A.Constant(torch.tensor([spec.weights[f"task{i}"] for i in range(k)])),
+        "trimmed_mean": lambda: A.TrimmedMean(spec.trim_number),
+        "graddrop": A.GradDrop,
+        "pcd": A.PCD,
+        "crmogm": lambda: A.GramianWeightedAggregator(A.CRMOGMWeighting(A.UPGradWeighting())),
     }
     agg = makers[spec.name]()
     gramian_weighting = getattr(agg, "gramian_weighting", None)
     if gramian_weighting is not None:
         return agg, lambda m: gramian_weighting(m @ m.T)
-    return agg, agg.weighting
+    return agg, getattr(agg, "weighting", None)
 
 
 def bench_method(
@@ -133,8 +160,8 @@ def bench_method(
 ) -> dict[str, Any]:
     from gradweight.methods import parse_method
     from gradweight_server.engine import run
-    from gradweight_server.engine.methods import weighting
-    from gradweight_server.engine.passes import gram
+    from gradweight_server.engine.methods import solve
+    from gradweight_server.engine.passes import combine, gram
 
     spec = parse_method({"name": name, **options(name, k)})
     names = list(groups)
@@ -142,12 +169,12 @@ def bench_method(
 
     def ours_weights() -> torch.Tensor:
         k_matrix = gram(tensors)[0] if spec.needs_gram else None
-        return weighting(spec)(spec, k_matrix, names, None)[0]
+        return solve(spec, k_matrix, names, None)[0]
 
     carried: dict[str, Any] = {"w": None, "full": None}
 
     def ours_weights_step() -> torch.Tensor:
-        w, carried["w"] = weighting(spec)(spec, gram(tensors)[0], names, carried["w"])
+        w, carried["w"] = solve(spec, gram(tensors)[0], names, carried["w"])
         return w
 
     def ours_full_step() -> torch.Tensor:
@@ -157,11 +184,20 @@ def bench_method(
 
     # stateful methods carry their state from call to call, as a training loop does (torchjd's objects
     # keep theirs); the first call of each is the warm-up
-    t_ow, _ = timed(seeded(spec, ours_weights_step if spec.stateful else ours_weights), repeat, device)
+    elementwise = not spec.gives_weights
+    t_ow = float("nan")
+    if not elementwise:
+        t_ow, _ = timed(seeded(spec, ours_weights_step if spec.stateful else ours_weights), repeat, device)
     t_of, _ = timed(ours_full_step, repeat, device)
     ours_flat = run(spec, groups).flat  # a fresh first step, compared with a fresh torchjd object below
     agg, tj_weights = torchjd_objects(spec, k)
-    t_tw, _ = timed(seeded(spec, lambda: tj_weights(stack(groups))), repeat, device)
+    t_tw = float("nan")
+    if tj_weights is not None and not elementwise:
+        t_tw, _ = timed(seeded(spec, lambda: tj_weights(stack(groups))), repeat, device)
+    floor = float("nan")
+    if elementwise:
+        out = torch.empty_like(ours_flat)
+        floor, _ = timed(lambda: combine(tensors, [1.0] * k, out), repeat, device)
     agg, _ = torchjd_objects(spec, k)  # stateful ones start fresh, as ours did
     t_tf, theirs = timed(seeded(spec, lambda: agg(stack(groups))), repeat, device)
     if spec.stateful:  # compare first steps: a fresh object against a fresh state
@@ -177,6 +213,7 @@ def bench_method(
         "tj_full": t_tf,
         "speedup": t_tf / t_of,
         "diff": diff,
+        "floor": floor,
     }
 
 
@@ -208,6 +245,8 @@ def bench_nash(k: int, numel: int, n_tensors: int, repeat: int, device: str) -> 
 
 
 def fmt_ms(s: float) -> str:
+    if s != s:
+        return "-"
     ms = s * 1e3
     return f"{ms:.1f}" if ms < 100 else f"{ms:.0f}"
 
@@ -216,6 +255,7 @@ def print_table(rows: list[dict[str, Any]], numel: int) -> None:
     print(f"\n{numel / 1e6:g}M float32 parameters per group; medians in ms")
     head = (
         "method", "k", "ours weights", "ours full", "torchjd weights", "torchjd full", "speedup", "max diff",
+        "memory floor", "full / floor",
     )  # fmt: skip
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
@@ -229,6 +269,8 @@ def print_table(rows: list[dict[str, Any]], numel: int) -> None:
             fmt_ms(r["tj_full"]),
             f"{r['speedup']:.1f}x",
             f"{r['diff']:.1e}",
+            fmt_ms(r["floor"]),
+            "-" if r["floor"] != r["floor"] else f"{r['ours_full'] / r['floor']:.2f}x",
         ]
         print("| " + " | ".join(cells) + " |")
 
@@ -285,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     for k in args.ks:
         groups = make_groups(k, numel, args.tensors, args.device)
         for name in args.methods:
-            if name == "krum" and k < 3:
+            if (name == "krum" and k < 3) or (name == "nash_mtl" and k < 2):
                 continue
             rows.append(bench_method(name, k, groups, args.repeat, args.device))
             ours, theirs = fmt_ms(rows[-1]["ours_full"]), fmt_ms(rows[-1]["tj_full"])

@@ -6,8 +6,11 @@ them (`RemoteWeighting`, the seed's drop-in) and writes the result into `.grad` 
 With `nash` the forget loss climbs while the retain loss holds; the seed's `munba` closed form, which
 meets the Nash condition only at cosine -0.5, lowers the forget loss on this task instead.
 
-    gradweight-server &          # or: make serve
-    python examples/unlearn.py --url http://127.0.0.1:8000 --method nash --steps 30
+Run it with the Python of the repository's `.venv` (`make serve` creates it; the system python has no
+torch and no gradweight), or after `source .venv/bin/activate`:
+
+    make serve                   # in one shell (or: .venv/bin/gradweight-server)
+    .venv/bin/python examples/unlearn.py --url http://127.0.0.1:8000 --method nash --steps 30
 """
 
 from __future__ import annotations

@@ -25,23 +25,33 @@ from .errors import (
     UnsupportedMediaType,
 )
 from .methods import (
+    CRMOGM,
     IMTLG,
     MGDA,
+    PCD,
     AlignedMTL,
     CAGrad,
+    ConFIG,
+    Constant,
     DualProj,
+    ExcessMTL,
     FairGrad,
+    GradDrop,
     GradVac,
     Krum,
     Mean,
     MethodSpec,
+    MoDo,
     Munba,
     Nash,
     NashMTL,
     NoWeighting,
     PCGrad,
+    Random,
+    SDMGrad,
     Simple,
     Sum,
+    TrimmedMean,
     UPGrad,
     parse_method,
 )
@@ -50,8 +60,10 @@ from .retry import Retry
 from .types import CombineResult, FileResult, Health, MethodInfo, WeightsResult
 
 __all__ = [
+    "CRMOGM",
     "IMTLG",
     "MGDA",
+    "PCD",
     "RETRYABLE",
     "APIError",
     "AlignedMTL",
@@ -59,11 +71,15 @@ __all__ = [
     "CAGrad",
     "Client",
     "CombineResult",
+    "ConFIG",
+    "Constant",
     "Degenerate",
     "DeviceOutOfMemory",
     "DualProj",
+    "ExcessMTL",
     "FairGrad",
     "FileResult",
+    "GradDrop",
     "GradVac",
     "GradweightError",
     "Health",
@@ -77,6 +93,7 @@ __all__ = [
     "MethodInfo",
     "MethodLike",
     "MethodSpec",
+    "MoDo",
     "Munba",
     "Nash",
     "NashMTL",
@@ -86,11 +103,14 @@ __all__ = [
     "Overloaded",
     "PCGrad",
     "PayloadTooLarge",
+    "Random",
     "RemoteWeighting",
     "Retry",
+    "SDMGrad",
     "Simple",
     "Sum",
     "TransportError",
+    "TrimmedMean",
     "UPGrad",
     "Unauthorized",
     "UnsupportedMediaType",
@@ -99,3 +119,12 @@ __all__ = [
     "apply_grads",
     "parse_method",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """`gradweight.GradientWeightingMethodRemote` is imported on first use: it needs vision_unlearning."""
+    if name == "GradientWeightingMethodRemote":
+        from .vision_unlearning import GradientWeightingMethodRemote
+
+        return GradientWeightingMethodRemote
+    raise AttributeError(f"module 'gradweight' has no attribute {name!r}")

@@ -170,9 +170,10 @@ def _combine_torch(
     work = torch.float32 if a0.dtype.itemsize < 4 else a0.dtype
 
     def into(t: int, out: Any) -> None:
+        """Each product rounded before it is added, as the seed's `w_f * f + w_r * r` (add(alpha=) fuses)."""
         torch.mul(groups[0].arrays[t].detach().to(work), weights[0], out=out)
         for g, w in zip(groups[1:], weights[1:], strict=True):
-            out.add_(g.arrays[t].detach().to(work), alpha=w)
+            out.add_(torch.mul(g.arrays[t].detach().to(work), w))
 
     with torch.no_grad():
         if layout == "params":

@@ -1,15 +1,17 @@
 """Method specs: the typed `method` object of PROTOCOL.md, shared by client and server.
 
 A spec is a frozen pydantic model discriminated on `name`; unknown names and unknown options are errors.
-Each class also says what the server needs to run it (`needs_gram`) and which groups it takes, so
-`GET /v1/methods` and the client's validation read one source.
+Each class also says what the protocol needs to know about it: whether a reply carries the gram
+(`needs_gram`) and the weights (`gives_weights`), which groups it takes and whether it is stateful, so
+`GET /v1/methods` and the client's validation read one source. What only the server needs (optional
+modules, the torchjd class adapted) lives in the server's method files.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from typing import Annotated, Any, ClassVar, Literal, TypeAlias
+from typing import Annotated, Any, ClassVar, Literal, TypeAlias, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
@@ -31,8 +33,8 @@ class MethodSpec(BaseModel):
     max_groups: ClassVar[int | None] = 2
     group_names: ClassVar[tuple[str, ...] | None] = PAIR
     stateful: ClassVar[bool] = False
-    requires: ClassVar[str | None] = None
-    """The server's optional extra the method needs (`pip install 'gradweight-server[<extra>]'`)."""
+    gives_weights: ClassVar[bool] = True
+    """False for the elementwise methods: their reply is the combined gradient alone, without `weights`."""
     guarantee: ClassVar[str] = ""
     """What the result promises, in one line (the README's methods table)."""
 
@@ -93,7 +95,7 @@ class Nash(MethodSpec):
     reference: ClassVar[str] = (
         "Navon et al., Multi-Task Learning as a Bargaining Game, ICML 2022; Wu & Harandi, arXiv:2411.15537"
     )
-    min_groups: ClassVar[int] = 2
+    min_groups: ClassVar[int] = 1
     max_groups: ClassVar[int | None] = None
     group_names: ClassVar[tuple[str, ...] | None] = None
     guarantee: ClassVar[str] = "Nash bargaining: (K a)_i a_i = 1, a > 0, ‖d‖² = k (before max_norm)"
@@ -117,15 +119,11 @@ def _pref_vector(v: PrefVector) -> PrefVector:
 
 
 class MultiTaskSpec(MethodSpec):
-    """Base of the methods that take any number (>= 2) of freely named groups."""
+    """Base of the methods that take any number (>= 1) of freely named groups."""
 
-    min_groups: ClassVar[int] = 2
+    min_groups: ClassVar[int] = 1
     max_groups: ClassVar[int | None] = None
     group_names: ClassVar[tuple[str, ...] | None] = None
-    torchjd: ClassVar[str] = ""
-    """The torchjd 0.18 class the method adapts."""
-    permutation_invariant: ClassVar[bool] = True
-    """Reordering the groups reorders the weights and leaves the combined gradient unchanged."""
 
 
 class UPGrad(MultiTaskSpec):
@@ -144,7 +142,6 @@ class UPGrad(MultiTaskSpec):
     reference: ClassVar[str] = (
         "Quinton & Rey, Jacobian Descent for Multi-Objective Optimization, arXiv:2406.16232"
     )
-    torchjd: ClassVar[str] = "UPGradWeighting"
     guarantee: ClassVar[str] = "non-conflicting: K w >= 0"
 
     _check = field_validator("pref_vector")(_pref_vector)
@@ -161,7 +158,6 @@ class DualProj(MultiTaskSpec):
     reference: ClassVar[str] = (
         "Lopez-Paz & Ranzato, Gradient Episodic Memory for Continual Learning, NeurIPS 2017 (Eq. 11)"
     )
-    torchjd: ClassVar[str] = "DualProjWeighting"
     guarantee: ClassVar[str] = "non-conflicting: K w >= 0"
 
     _check = field_validator("pref_vector")(_pref_vector)
@@ -175,7 +171,6 @@ class MGDA(MultiTaskSpec):
     reference: ClassVar[str] = (
         "Désidéri 2012; Sener & Koltun, Multi-Task Learning as Multi-Objective Optimization, NeurIPS 2018"
     )
-    torchjd: ClassVar[str] = "MGDAWeighting"
     guarantee: ClassVar[str] = "w on the simplex; K w >= ‖d‖² >= 0 at convergence"
 
 
@@ -187,7 +182,6 @@ class IMTLG(MultiTaskSpec):
     reference: ClassVar[str] = (
         "Liu et al., Towards Impartial Multi-task Learning, ICLR 2021 (generalised in arXiv:2406.16232)"
     )
-    torchjd: ClassVar[str] = "IMTLGWeighting"
     guarantee: ClassVar[str] = "impartial: d·g_i/‖g_i‖ equal for all i, sum w = 1 (independent gradients)"
 
 
@@ -205,7 +199,6 @@ class AlignedMTL(MultiTaskSpec):
     reference: ClassVar[str] = (
         "Senushkin et al., Independent Component Alignment for Multi-Task Learning, CVPR 2023"
     )
-    torchjd: ClassVar[str] = "AlignedMTLWeighting"
     guarantee: ClassVar[str] = "stable: the aligned gradients have condition number 1"
 
     _check = field_validator("pref_vector")(_pref_vector)
@@ -225,9 +218,7 @@ class PCGrad(MultiTaskSpec):
         "in random order; the results are summed."
     )
     reference: ClassVar[str] = "Yu et al., Gradient Surgery for Multi-Task Learning, NeurIPS 2020"
-    torchjd: ClassVar[str] = "PCGradWeighting"
     guarantee: ClassVar[str] = "conflicts projected out pairwise (non-conflicting for k = 2)"
-    permutation_invariant: ClassVar[bool] = False
 
 
 class CAGrad(MultiTaskSpec):
@@ -240,8 +231,6 @@ class CAGrad(MultiTaskSpec):
     reference: ClassVar[str] = (
         "Liu et al., Conflict-Averse Gradient Descent for Multi-task Learning, NeurIPS 2021"
     )
-    requires: ClassVar[str | None] = "cvxpy"
-    torchjd: ClassVar[str] = "CAGradWeighting"
     guarantee: ClassVar[str] = "max-min improvement within ‖d − g0‖ <= c‖g0‖ (g0 the mean)"
 
 
@@ -257,7 +246,6 @@ class Krum(MultiTaskSpec):
         "NeurIPS 2017"
     )
     min_groups: ClassVar[int] = 3
-    torchjd: ClassVar[str] = "KrumWeighting"
     guarantee: ClassVar[str] = "Byzantine-robust: up to n_byzantine arbitrary gradients"
 
 
@@ -269,7 +257,6 @@ class FairGrad(MultiTaskSpec):
     )
     summary: ClassVar[str] = "Alpha-fair resource allocation: K w = w^(-1/alpha), solved by scipy."
     reference: ClassVar[str] = "Ban & Ji, Fair Resource Allocation in Multi-Task Learning, ICML 2024"
-    torchjd: ClassVar[str] = "FairGradWeighting"
     guarantee: ClassVar[str] = "alpha-fair: (K w)_i = w_i^(-1/alpha), w >= 0"
 
     _check = field_validator("alpha")(_finite)
@@ -293,9 +280,7 @@ class GradVac(MultiTaskSpec):
         "Multilingual Models, ICLR 2021"
     )
     stateful: ClassVar[bool] = True
-    torchjd: ClassVar[str] = "GradVacWeighting"
     guarantee: ClassVar[str] = "cosines pulled up to their EMA targets"
-    permutation_invariant: ClassVar[bool] = False
 
 
 class Mean(MultiTaskSpec):
@@ -303,7 +288,6 @@ class Mean(MultiTaskSpec):
     summary: ClassVar[str] = "The mean of the gradients."
     reference: ClassVar[str] = "linear scalarisation"
     needs_gram: ClassVar[bool] = False
-    torchjd: ClassVar[str] = "MeanWeighting"
     guarantee: ClassVar[str] = "linear: w = 1/k"
 
 
@@ -312,11 +296,12 @@ class Sum(MultiTaskSpec):
     summary: ClassVar[str] = "The sum of the gradients."
     reference: ClassVar[str] = "linear scalarisation"
     needs_gram: ClassVar[bool] = False
-    torchjd: ClassVar[str] = "SumWeighting"
     guarantee: ClassVar[str] = "linear: w = 1"
 
 
 class NashMTL(MultiTaskSpec):
+    """torchjd's NashMTL fails on one group (cvxpy refuses its scalar problem): two at least."""
+
     name: Literal["nash_mtl"] = "nash_mtl"
     max_norm: float = Field(default=1.0, ge=0, description="clip |d| to this; 0 disables the clipping")
     update_weights_every: int = Field(default=1, gt=0, description="re-solve every this many steps")
@@ -326,10 +311,229 @@ class NashMTL(MultiTaskSpec):
         "`nash` is the exact solution."
     )
     reference: ClassVar[str] = "Navon et al., Multi-Task Learning as a Bargaining Game, ICML 2022"
+    min_groups: ClassVar[int] = 2
     stateful: ClassVar[bool] = True
-    requires: ClassVar[str | None] = "cvxpy"
-    torchjd: ClassVar[str] = "NashMTL"
     guarantee: ClassVar[str] = "approximate Nash bargaining (K a ≈ 1/a), ‖d‖ <= max_norm"
+
+
+def _seed(what: str) -> Any:
+    return Field(
+        default=None,
+        ge=0,
+        le=SEED_MAX,
+        description=f"seeds {what} (same request + same seed = same answer); null draws afresh",
+    )
+
+
+class ConFIG(MultiTaskSpec):
+    name: Literal["config"] = "config"
+    pref_vector: PrefVector = Field(
+        default=None,
+        description="the target's weights over the unit gradients (list or by group name); default 1 each",
+    )
+    summary: ClassVar[str] = (
+        "Conflict-free update: the direction with the preferred (equal) cosines to every gradient, "
+        "scaled by the sum of the gradients' projections on it."
+    )
+    reference: ClassVar[str] = (
+        "Liu et al., ConFIG: Towards Conflict-free Training of Physics Informed Neural Networks, "
+        "ICLR 2025 (arXiv:2408.11104)"
+    )
+    guarantee: ClassVar[str] = "non-conflicting: d·g_i >= 0, equal cosines for linearly independent g_i"
+
+    _check = field_validator("pref_vector")(_pref_vector)
+
+
+class Random(MultiTaskSpec):
+    name: Literal["random"] = "random"
+    seed: int | None = _seed("the weights' draw")
+    summary: ClassVar[str] = "Random loss weighting: softmax of k standard normal draws."
+    reference: ClassVar[str] = (
+        "Lin et al., Reasonable Effectiveness of Random Weighting: A Litmus Test for Multi-Task "
+        "Learning, TMLR 2022 (arXiv:2111.10603)"
+    )
+    needs_gram: ClassVar[bool] = False
+    guarantee: ClassVar[str] = "w on the simplex, w = softmax(z), z ~ N(0, I) from the seed"
+
+
+class Constant(MultiTaskSpec):
+    name: Literal["constant"] = "constant"
+    weights: dict[str, float] = Field(min_length=1, description="one fixed weight per group, by group name")
+    summary: ClassVar[str] = "Fixed weights for any number of groups, keyed by group name."
+    reference: ClassVar[str] = "linear scalarisation"
+    needs_gram: ClassVar[bool] = False
+    guarantee: ClassVar[str] = "linear: d = sum_i w_i g_i"
+
+    @field_validator("weights")
+    @classmethod
+    def _finite_weights(cls, v: dict[str, float]) -> dict[str, float]:
+        for x in v.values():
+            _finite(x)
+        return v
+
+
+class TrimmedMean(MultiTaskSpec):
+    name: Literal["trimmed_mean"] = "trimmed_mean"
+    trim_number: int = Field(ge=0, description="values dropped at each end of every coordinate; k >= 2t + 1")
+    summary: ClassVar[str] = (
+        "Coordinate-wise trimmed mean: per coordinate, the mean after dropping the trim_number largest "
+        "and smallest values (elementwise; no weights)."
+    )
+    reference: ClassVar[str] = (
+        "Yin et al., Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates, ICML 2018"
+    )
+    needs_gram: ClassVar[bool] = False
+    gives_weights: ClassVar[bool] = False
+    guarantee: ClassVar[str] = "robust: each coordinate ignores the trim_number extremes on either side"
+
+
+class GradDrop(MultiTaskSpec):
+    name: Literal["graddrop"] = "graddrop"
+    leak: PrefVector = Field(
+        default=None,
+        description="per group, the fraction of its gradient kept unmasked (list or by group name); "
+        "default 0",
+    )
+    seed: int | None = _seed("the per-coordinate uniform draws")
+    summary: ClassVar[str] = (
+        "Gradient sign dropout: per coordinate, keeps the gradients of one sign, chosen at random with "
+        "the positive sign's purity as probability (elementwise; no weights)."
+    )
+    reference: ClassVar[str] = (
+        "Chen et al., Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign Dropout, "
+        "NeurIPS 2020"
+    )
+    needs_gram: ClassVar[bool] = False
+    gives_weights: ClassVar[bool] = False
+    guarantee: ClassVar[str] = "per coordinate, the kept gradients agree in sign (with no leak)"
+
+    _check = field_validator("leak")(_pref_vector)
+
+
+class MoDo(MultiTaskSpec):
+    name: Literal["modo"] = "modo"
+    gamma: float = Field(default=0.1, gt=0, description="learning rate of the task-weight update")
+    rho: float = Field(default=0.1, ge=0, description="l2 regularisation of the task weights")
+    summary: ClassVar[str] = (
+        "MoDo: one projected gradient step of the task weights on the simplex per call; stateful."
+    )
+    reference: ClassVar[str] = (
+        "Chen et al., Three-Way Trade-Off in Multi-Objective Learning: Optimization, Generalization and "
+        "Conflict-Avoidance, JMLR 2024"
+    )
+    stateful: ClassVar[bool] = True
+    guarantee: ClassVar[str] = "w on the simplex, one step of min_w ½ wᵀ(K + rho I)w"
+
+    _check = field_validator("gamma", "rho")(_finite)
+
+
+class PCD(MultiTaskSpec):
+    name: Literal["pcd"] = "pcd"
+    tau: float | list[float] = Field(
+        default=0.02,
+        description="fraction in [0, 1] of normalised progress guaranteed to each secondary group: one "
+        "number, or one per secondary group (k - 1)",
+    )
+    beta: float = Field(default=0.999, ge=0, lt=1, description="EMA decay of the squared gradient norms")
+    eps: float = Field(default=1e-8, ge=0, description="added to the EMA before its inverse square root")
+    summary: ClassVar[str] = (
+        "Priority-constrained descent: closest to the first group's gradient while every other group "
+        "keeps a fraction tau of its own progress; stateful (EMA of squared norms)."
+    )
+    reference: ClassVar[str] = (
+        "Varam et al., Not All Objectives Are Born Equal: Priority-Constrained Descent for Hierarchical "
+        "Multi-Objective Optimization, TMLR 2026"
+    )
+    stateful: ClassVar[bool] = True
+    guarantee: ClassVar[str] = "g̃_j·d >= tau ‖g̃_j‖² for every secondary j (when feasible), ‖d‖ = ‖g_1‖"
+
+    @field_validator("tau")
+    @classmethod
+    def _fractions(cls, v: float | list[float]) -> float | list[float]:
+        values = v if isinstance(v, list) else [v]
+        if not values or not all(0.0 <= x <= 1.0 for x in values):
+            raise ValueError("must be in [0, 1]")
+        return v
+
+
+class SDMGrad(MultiTaskSpec):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, serialize_by_alias=True)
+
+    name: Literal["sdmgrad"] = "sdmgrad"
+    lr: float = Field(default=10.0, gt=0, description="learning rate of the inner SGD on the task weights")
+    momentum: float = Field(default=0.5, ge=0, lt=1, description="momentum of the inner SGD")
+    n_iter: int = Field(default=20, gt=0, description="inner SGD iterations per call")
+    lambda_: float = Field(
+        default=0.3, ge=0, alias="lambda", description="pull of the direction towards the preference"
+    )
+    pref_vector: PrefVector = Field(
+        default=None, description="the preferred direction's weights (list or by group name); default 1/k"
+    )
+    summary: ClassVar[str] = (
+        "Stochastic direction-oriented MGDA: inner SGD on the simplex, pulled towards a preferred "
+        "direction; stateful (the task weights)."
+    )
+    reference: ClassVar[str] = (
+        "Xiao et al., Direction-oriented Multi-objective Learning: Simple and Provable Stochastic "
+        "Algorithms, NeurIPS 2023"
+    )
+    stateful: ClassVar[bool] = True
+    guarantee: ClassVar[str] = "w = (λ_simplex + lambda w̃) / (1 + lambda)"
+
+    _check = field_validator("pref_vector")(_pref_vector)
+    _check_floats = field_validator("lr", "lambda_")(_finite)
+
+
+class ExcessMTL(MultiTaskSpec):
+    name: Literal["excess_mtl"] = "excess_mtl"
+    robust_step_size: float = Field(default=1.0, gt=0, description="step of the exponentiated update")
+    n_warmup_steps: int = Field(default=0, ge=0, description="steps of uniform weights first")
+    summary: ClassVar[str] = (
+        "ExcessMTL: weights raised by each task's estimated excess risk. Not served: its state is k x n."
+    )
+    reference: ClassVar[str] = "He et al., Robust Multi-Task Learning with Excess Risks, ICML 2024"
+    stateful: ClassVar[bool] = True
+    guarantee: ClassVar[str] = "w on the simplex (exponentiated gradient on excess risks)"
+
+
+class CRMOGM(MultiTaskSpec):
+    name: Literal["crmogm"] = "crmogm"
+    weighting: AnySpec = Field(
+        description="the weighting smoothed: any method spec that gives weights for free group names"
+    )
+    alpha: float = Field(default=0.9, ge=0, le=1, description="EMA weight of the previous weights")
+    initial_weights: PrefVector = Field(
+        default=None,
+        description="the weights before the first step (list or by group name); default the first step's own",
+    )
+    summary: ClassVar[str] = (
+        "CR-MOGM: an exponential moving average of another weighting's weights; stateful."
+    )
+    reference: ClassVar[str] = (
+        "Zhou et al., On the Convergence of Stochastic Multi-Objective Gradient Manipulation and Beyond, "
+        "NeurIPS 2022"
+    )
+    stateful: ClassVar[bool] = True
+    guarantee: ClassVar[str] = "w_t = alpha w_(t-1) + (1 - alpha) ŵ_t (ŵ the wrapped weighting's)"
+
+    _check = field_validator("initial_weights")(_pref_vector)
+
+    @classmethod
+    def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The schema as an object, like every other method's (pydantic writes a recursive model as a
+        bare `$ref` into its `$defs`)."""
+        schema = super().model_json_schema(*args, **kwargs)
+        ref = schema.pop("$ref", None)
+        if ref is None:
+            return schema
+        return {**schema["$defs"][ref.rsplit("/", 1)[-1]], "$defs": schema["$defs"]}
+
+    @field_validator("weighting")
+    @classmethod
+    def _wraps_weights(cls, v: MethodSpec) -> MethodSpec:
+        if not isinstance(v, MultiTaskSpec) or not v.gives_weights or isinstance(v, (CRMOGM, ExcessMTL)):
+            raise ValueError(f"{v.name!r} cannot be wrapped: it must give weights for free group names")
+        return v
 
 
 AnySpec: TypeAlias = Annotated[
@@ -349,28 +553,22 @@ AnySpec: TypeAlias = Annotated[
     | GradVac
     | Mean
     | Sum
-    | NashMTL,
+    | NashMTL
+    | ConFIG
+    | Random
+    | Constant
+    | TrimmedMean
+    | GradDrop
+    | MoDo
+    | PCD
+    | SDMGrad
+    | CRMOGM
+    | ExcessMTL,
     Field(discriminator="name"),
 ]
-SPEC_CLASSES: tuple[type[MethodSpec], ...] = (
-    NoWeighting,
-    Simple,
-    Munba,
-    Nash,
-    UPGrad,
-    DualProj,
-    MGDA,
-    IMTLG,
-    AlignedMTL,
-    PCGrad,
-    CAGrad,
-    Krum,
-    FairGrad,
-    GradVac,
-    Mean,
-    Sum,
-    NashMTL,
-)
+SPEC_CLASSES: tuple[type[MethodSpec], ...] = get_args(get_args(AnySpec)[0])
+"""Every method's spec class, in the order of AnySpec (the order of GET /v1/methods)."""
+CRMOGM.model_rebuild()
 _ADAPTER: TypeAdapter[MethodSpec] = TypeAdapter(AnySpec)
 
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .client import Client, MethodLike, method_json
-from .tensors import require_torch
+from .tensors import is_torch, require_torch
 from .types import Array, CombineResult, Mode
 
 
@@ -30,7 +30,8 @@ class RemoteWeighting:
     def weight_grads(
         self, grads_forget: Sequence[Any], grads_retain: Sequence[Any], accelerator: Any = None
     ) -> Any:
-        """The seed's signature and return value; `accelerator` may be None (then the gradients' device)."""
+        """The seed's signature and return value; `accelerator` may be None (then the gradients' device).
+        numpy arrays in give numpy arrays out (`[N, 1]` for munba too); `accelerator` is then ignored."""
         name = self.method.get("name")
         # The seed's `none` ignores the retain gradients: do not upload them.
         retain = None if name == "none" and self.mode == "full" else grads_retain
@@ -38,9 +39,9 @@ class RemoteWeighting:
         self.state, self.last = res.state, res
         out = res.scaled_grad
         assert out is not None
-        if accelerator is not None:
+        if accelerator is not None and is_torch(out):
             out = out.to(accelerator.device)
-        return out.view(-1, 1) if name == "munba" else out
+        return out.reshape(-1, 1) if name == "munba" else out  # a view: the result is contiguous
 
 
 def apply_grads(parameters: Iterable[Any], grad: CombineResult | Array | Sequence[Array]) -> None:

@@ -20,10 +20,11 @@ class CombineResult:
 
     `scaled_grad` is the flat vector (layout="flat"); `params` holds one tensor per key in its shape, in
     gradient order (layout="params"). Arrays are torch tensors on the inputs' device when the inputs were
-    torch tensors, numpy arrays otherwise; they may be views of one reply buffer.
+    torch tensors, numpy arrays otherwise; they may be views of one reply buffer. `weights` is None for
+    the elementwise methods (their spec's `gives_weights` is False).
     """
 
-    weights: dict[str, float]
+    weights: dict[str, float] | None
     method: dict[str, Any]
     scaled_grad: Array | None = None
     params: dict[str, Array] = field(default_factory=dict)

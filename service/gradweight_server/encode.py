@@ -80,18 +80,16 @@ def plan_octet(
 
 def reply_metadata(
     method: dict[str, Any],
-    weights: dict[str, float],
+    weights: dict[str, float] | None,
     gram: list[list[float]] | None,
     device: str,
     timing: dict[str, float],
     state: Any,
 ) -> dict[str, str]:
-    meta = {
-        "method": json.dumps(method, separators=(",", ":")),
-        "weights": json.dumps(weights, separators=(",", ":")),
-        "device": device,
-        "timing": json.dumps(timing, separators=(",", ":")),
-    }
+    meta = {"method": json.dumps(method, separators=(",", ":"))}
+    if weights is not None:  # the elementwise methods give none
+        meta["weights"] = json.dumps(weights, separators=(",", ":"))
+    meta |= {"device": device, "timing": json.dumps(timing, separators=(",", ":"))}
     if gram is not None:
         meta["gram"] = json.dumps(gram, separators=(",", ":"))
     if state is not None:
@@ -102,7 +100,7 @@ def reply_metadata(
 def json_reply(
     *,
     method: dict[str, Any],
-    weights: dict[str, float],
+    weights: dict[str, float] | None,
     gram: list[list[float]] | None,
     flat: torch.Tensor,
     device: str,
@@ -122,6 +120,8 @@ def json_reply(
         "timing": timing,
         "scaled_grad": flat.cpu().tolist() if numel <= max_elements else None,
     }
+    if weights is None:  # the elementwise methods give none
+        del body["weights"]
     if state is not None:
         body["state"] = json.dumps(state, separators=(",", ":"))
     return body

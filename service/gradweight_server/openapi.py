@@ -78,7 +78,8 @@ COMBINE_OPENAPI: dict[str, Any] = {
                 "application/octet-stream": {
                     "schema": {"type": "string", "format": "binary"},
                     "description": "safetensors: `scaled_grad` (layout=flat) or one tensor per key "
-                    "(layout=params); `__metadata__` holds method, weights, gram, device, timing.",
+                    "(layout=params); `__metadata__` holds method, weights (absent for elementwise methods), "
+                    "gram, device, timing.",
                 },
                 "application/json": {
                     "example": {

@@ -56,12 +56,18 @@ def methods(live_server: Any) -> list[MethodInfo]:
         return c.methods()
 
 
+def _weighting(methods: list[MethodInfo]) -> list[MethodInfo]:
+    """The served methods that give weights (the elementwise ones have their own tests)."""
+    extra = [m.model_extra or {} for m in methods]
+    return [m for m, x in zip(methods, extra) if x.get("available", True) and x.get("gives_weights", True)]
+
+
 def _pair_methods(methods: list[MethodInfo]) -> list[MethodInfo]:
     """Methods that take the forget/retain pair (every method does: min groups <= 2)."""
-    return [m for m in methods if (m.groups or {}).get("min", 2) <= 2]
+    return [m for m in _weighting(methods) if (m.groups or {}).get("min", 2) <= 2]
 
 
-def _spec(m: MethodInfo) -> dict[str, Any]:
+def _spec(m: MethodInfo, groups: Any = ("retain", "forget")) -> dict[str, Any]:
     """A valid spec from the method's JSON Schema: required options get a small in-range value, and a
     `seed` option is fixed so that randomised methods answer the same to the same request."""
     props = m.options.get("properties", {})
@@ -69,6 +75,10 @@ def _spec(m: MethodInfo) -> dict[str, Any]:
     for req in m.options.get("required", []):
         kind = props.get(req, {}).get("type")
         spec[req] = 0 if kind == "integer" else 0.5
+    if m.name == "constant":
+        spec["weights"] = {g: 0.5 + i for i, g in enumerate(groups)}
+    if m.name == "crmogm":
+        spec["weighting"] = {"name": "upgrad"}
     if "seed" in props:
         spec["seed"] = 7
     return spec
@@ -183,7 +193,7 @@ def test_named_parameters_and_dtypes(live_server: Any, rng: np.random.Generator)
 
 
 def test_multi_group_methods_and_state(live_server: Any, methods: list[MethodInfo]) -> None:
-    multi = [m for m in methods if (m.groups or {}).get("max", 2) is None]
+    multi = [m for m in _weighting(methods) if (m.groups or {}).get("max", 2) is None]
     assert multi, "nash takes any number of groups"
     groups = {
         f"task_{i}": [torch.randn(4, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
@@ -191,14 +201,14 @@ def test_multi_group_methods_and_state(live_server: Any, methods: list[MethodInf
     }
     with Client(live_server.url) as c:
         for m in multi:
-            res = c.combine(groups=groups, method=_spec(m))
+            res = c.combine(groups=groups, method=_spec(m, groups))
             assert set(res.weights) == set(groups), m.name
             assert _rel(res.scaled_grad, _expected(res, groups)) < 1e-12
             if res.state is not None:  # stateful: the opaque state goes back and forth
-                again = c.combine(groups=groups, method=_spec(m), state=res.state)
+                again = c.combine(groups=groups, method=_spec(m, groups), state=res.state)
                 assert again.state is not None
             try:
-                g = c.combine(groups=groups, method=_spec(m), mode="gram", state=res.state)
+                g = c.combine(groups=groups, method=_spec(m, groups), mode="gram", state=res.state)
             except (InvalidMethod, InvalidGradients):
                 continue
             if res.state is None:

@@ -68,6 +68,15 @@ def options(name: str, k: int) -> dict[str, Any]:
         "fairgrad": {"alpha": 2.0},
         "gradvac": {"beta": 0.3, "seed": 99},
         "nash_mtl": {"max_norm": 1.5},
+        "config": {"pref_vector": prefs},
+        "random": {"seed": 77 + k},
+        "constant": {"weights": prefs},
+        "trimmed_mean": {"trim_number": min(2, (k - 1) // 2)},
+        "graddrop": {"leak": {n: 0.1 * i for i, n in enumerate(names)}, "seed": 5 + k},
+        "modo": {"gamma": 0.2, "rho": 0.05},
+        "pcd": {"tau": 0.1, "eps": 0.0},
+        "sdmgrad": {"lambda": 0.5, "n_iter": 10},
+        "crmogm": {"weighting": {"name": "upgrad"}, "alpha": 0.7},
     }.get(name, {})
 
 
@@ -75,8 +84,8 @@ def spec_for(name: str, k: int) -> MethodSpec:
     return parse_method({"name": name, **options(name, k)})
 
 
-def _pref(spec: Any, k: int) -> torch.Tensor | None:
-    pref = spec.pref_vector
+def _pref(spec: Any, k: int, field: str = "pref_vector") -> torch.Tensor | None:
+    pref = getattr(spec, field)
     if pref is None:
         return None
     values = [pref[n] for n in names_for(k)] if isinstance(pref, dict) else pref
@@ -104,6 +113,22 @@ def torchjd_weighting(spec: Any, k: int) -> Callable[[torch.Tensor], torch.Tenso
         "gradvac": lambda: A.GradVacWeighting(beta=spec.beta, eps=spec.eps),
         "mean": A.MeanWeighting,
         "sum": A.SumWeighting,
+        "random": A.RandomWeighting,
+        "constant": lambda: A.ConstantWeighting(_pref(spec, k, "weights")),
+        "modo": lambda: A.MoDoWeighting(gamma=spec.gamma, rho=spec.rho),
+        "pcd": lambda: A.PCDWeighting(tau=spec.tau, beta=spec.beta, eps=spec.eps),
+        "sdmgrad": lambda: A.SDMGradWeighting(
+            lr=spec.lr,
+            momentum=spec.momentum,
+            n_iter=spec.n_iter,
+            lambda_=spec.lambda_,
+            pref_vector=_pref(spec, k),
+        ),
+        "crmogm": lambda: A.CRMOGMWeighting(
+            torchjd_weighting(spec.weighting, k),
+            alpha=spec.alpha,
+            initial_weights=_pref(spec, k, "initial_weights"),
+        ),
     }
     return makers[name]()
 
@@ -135,16 +160,27 @@ def torchjd_aggregator(spec: Any, k: int) -> Callable[[torch.Tensor], torch.Tens
             update_weights_every=spec.update_weights_every,
             optim_niter=spec.optim_niter,
         ),
+        "config": lambda: A.ConFIG(_pref(spec, k)),
+        "random": A.Random,
+        "constant": lambda: A.Constant(_pref(spec, k, "weights")),
+        "trimmed_mean": lambda: A.TrimmedMean(spec.trim_number),
+        "graddrop": lambda: A.GradDrop(leak=_pref(spec, k, "leak")),
     }
     return makers[name]()
 
 
 def mtl_names() -> list[str]:
+    """Every multi-task method this server serves (excess_mtl is listed but not served)."""
     from gradweight.methods import SPEC_CLASSES
 
-    return [str(c.model_fields["name"].default) for c in SPEC_CLASSES if issubclass(c, MultiTaskSpec)]
+    return [
+        str(c.model_fields["name"].default)
+        for c in SPEC_CLASSES
+        if issubclass(c, MultiTaskSpec) and c.model_fields["name"].default != "excess_mtl"
+    ]
 
 
 STATELESS = ["upgrad", "dualproj", "mgda", "imtl_g", "aligned_mtl", "pcgrad", "cagrad", "krum", "fairgrad",
-             "mean", "sum"]  # fmt: skip
-STATEFUL = ["gradvac", "nash_mtl"]
+             "mean", "sum", "config", "random", "constant"]  # fmt: skip
+ELEMENTWISE = ["trimmed_mean", "graddrop"]
+STATEFUL = ["gradvac", "nash_mtl", "modo", "pcd", "sdmgrad", "crmogm"]

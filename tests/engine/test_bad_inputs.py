@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from gradweight.errors import Degenerate, InvalidGradients, NonFinite
@@ -91,8 +93,9 @@ def test_pair_methods_refuse_other_groups() -> None:
         run(Munba(), {"forget": forget})
     with pytest.raises(InvalidGradients, match="takes groups"):
         run(Simple(), {"retain": retain, "forget": forget, "extra": forget})
-    with pytest.raises(InvalidGradients, match="takes 2 to any groups"):
-        run(Nash(), {"solo": forget})
+    solo = run(Nash(), {"solo": forget})  # one group: a = 1/|g|, as for any k the Nash condition K a = 1/a
+    norm = math.sqrt(sum(float((t.double() ** 2).sum()) for t in forget))
+    assert solo.weights == {"solo": pytest.approx(1.0 / norm, rel=1e-6)}  # float32 inputs
 
 
 @pytest.mark.parametrize(

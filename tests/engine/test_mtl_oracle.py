@@ -1,4 +1,4 @@
-"""Every torchjd-adapted method against torchjd itself, for k = 2, 3, 5, 10 groups of float32 gradients.
+"""Every torchjd-adapted method against torchjd itself, for k = 1, 2, 3, 5, 10 groups of float32 gradients.
 
 Weights: ours (from our float64 gram of the float32 tensors) against torchjd's weighting on the float64
 Gramian of the stacked matrix. Combined gradient: ours against torchjd's aggregator on the stacked
@@ -13,6 +13,7 @@ from gradweight.errors import InvalidGradients
 from gradweight_server.engine import run
 
 from .mtl_cases import (
+    ELEMENTWISE,
     STATELESS,
     case_seed,
     groups_of,
@@ -24,7 +25,7 @@ from .mtl_cases import (
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-KS = [2, 3, 5, 10]
+KS = [1, 2, 3, 5, 10]
 RTOL = 1e-5
 
 
@@ -58,9 +59,34 @@ def test_weights_and_combined_equal_torchjd(name: str, k: int) -> None:
     assert out.flat.dtype == torch.float32
 
     j64 = j.double()
-    want_w = seeded_call(spec, torchjd_weighting(spec, k), j64 @ j64.T if spec.needs_gram else j64)
-    assert_close_rel(ours, want_w)
+    if name == "config":  # an Aggregator only in torchjd: its result on the float64 values, as a weighting's
+        from torchjd.aggregation import ConFIG
+
+        pref = torch.tensor([spec.pref_vector[n] for n in groups], dtype=torch.float64)
+        assert_close_rel(ours @ j64, ConFIG(pref)(j64))
+    else:
+        want_w = seeded_call(spec, torchjd_weighting(spec, k), j64 @ j64.T if spec.needs_gram else j64)
+        assert_close_rel(ours, want_w)
+        if name == "random":  # seeded randomness: the same draws, so the same weights to rounding
+            assert_close_rel(ours, want_w, rtol=1e-15)
 
     want_vec = seeded_call(spec, torchjd_aggregator(spec, k), j)
     assert want_vec.dtype == torch.float32
     assert_close_rel(out.flat, want_vec)
+
+
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("name", ELEMENTWISE)
+def test_elementwise_equal_torchjd(name: str, k: int) -> None:
+    """No weights; the result equals torchjd's aggregator on the stacked float32 matrix (GradDrop's uniform
+    draws are torchjd's own for the same seed, so every coordinate keeps the same groups)."""
+    spec = spec_for(name, k)
+    j = matrix(k, seed=case_seed(name, k))
+    out = run(spec, groups_of(j))
+    assert out.weights is None
+    assert out.gram is None
+    want = seeded_call(spec, torchjd_aggregator(spec, k), j)
+    assert_close_rel(out.flat, want, rtol=1e-6)
+    if name == "graddrop":
+        kept = (out.flat != 0) == (want != 0)
+        assert bool(kept.all())

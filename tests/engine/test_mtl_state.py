@@ -38,7 +38,7 @@ def ours_step(spec, j: torch.Tensor, state: Any):
     return out, w
 
 
-@pytest.mark.parametrize("k", [2, 3, 5, 10])
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 10])
 def test_gradvac_five_steps_equal_torchjd(k: int) -> None:
     spec = spec_for("gradvac", k)
     ref_w = torchjd_weighting(spec, k)
@@ -144,3 +144,54 @@ def test_bad_state_values_are_refused() -> None:
         run(spec, groups_of(j), state={**state, "prvs_alpha": [1.0, "x", 2.0]})
     with pytest.raises(InvalidMethod, match="prvs_alpha"):
         run(spec, groups_of(j), state={**state, "prvs_alpha": [1.0]})
+
+
+STATE_FIELD = {"modo": "lambda", "pcd": "sq_norm_ema", "sdmgrad": "w", "crmogm": "lambda"}
+TORCHJD_BUFFER = {"modo": "_lambda", "pcd": "_sq_norm_ema", "sdmgrad": "_w", "crmogm": "_lambda"}
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+@pytest.mark.parametrize("name", sorted(STATE_FIELD))
+def test_gramian_stateful_five_steps_equal_torchjd(name: str, k: int) -> None:
+    """Each step's weights and carried state equal torchjd's own object fed the same grams."""
+    spec = spec_for(name, k)
+    ref = torchjd_weighting(spec, k)
+    state = None
+    for t in range(STEPS):
+        j = matrix(k, seed=case_seed(name, k, t))
+        out, w = ours_step(spec, j, state)
+        state = out.state
+        assert state["step"] == t + 1
+        gram = torch.tensor(out.gram, dtype=torch.float64)
+        want = ref(gram)
+        assert_close_rel(w, want, rtol=1e-12)
+        assert_close_rel(out.flat, want @ j.double())
+        ours_state = torch.tensor(state[STATE_FIELD[name]], dtype=torch.float64)
+        assert_close_rel(ours_state, getattr(ref, TORCHJD_BUFFER[name]), rtol=1e-12)
+
+
+def test_crmogm_carries_its_inner_methods_state() -> None:
+    k = 3
+    spec = parse_method(
+        {"name": "crmogm", "weighting": {"name": "gradvac", "beta": 0.3, "seed": 4}, "alpha": 0.5}
+    )
+    ref = torchjd_weighting(spec, k)
+    state = None
+    for t in range(3):
+        j = matrix(k, seed=case_seed("crmogm-gradvac", t))
+        out, w = ours_step(spec, j, state)
+        state = out.state
+        assert state["inner"]["step"] == t + 1
+        torch.manual_seed(4 + t)
+        assert_close_rel(w, ref(torch.tensor(out.gram, dtype=torch.float64)), rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(STATE_FIELD))
+def test_new_stateful_refuse_foreign_state(name: str) -> None:
+    spec = spec_for(name, 3)
+    j = matrix(3, seed=1)
+    out = run(spec, groups_of(j))
+    field = STATE_FIELD[name]
+    for bad in ({**out.state, "method": "gradvac"}, {**out.state, field: [1.0, 2.0]}, {"method": name}):
+        with pytest.raises(InvalidMethod, match="state"):
+            run(spec, groups_of(j), state=bad)

@@ -1,4 +1,6 @@
-"""One weighting step: validate, gram (when the method needs it), weights, combine, check."""
+"""One weighting step: validate, gram (when the method needs it), weights, combine, check.
+
+Elementwise methods (no weights) replace the gram, weights and combine with one elementwise pass."""
 
 from __future__ import annotations
 
@@ -11,16 +13,17 @@ import torch
 from gradweight.errors import Degenerate, InvalidGradients, NonFinite
 from gradweight.methods import MethodSpec
 
-from .methods import solve
+from .methods import aggregate, solve
 from .passes import combine, gram, has_non_finite
 from .validate import check_groups
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What a step produced; `flat` is the combined gradient (a view of `out` when one was given)."""
+    """What a step produced; `flat` is the combined gradient (a view of `out` when one was given).
+    `weights` is None for the elementwise methods."""
 
-    weights: dict[str, float]
+    weights: dict[str, float] | None
     gram: list[list[float]] | None
     flat: torch.Tensor
     state: Any | None = None
@@ -75,6 +78,14 @@ def run(
         raise ValueError(f"out must be a flat {out_dtype} tensor of {numel} elements on {first[0].device}")
 
     tensors = list(ordered.values())
+    if not spec.gives_weights:
+        try:
+            aggregate(spec, tensors, names, out)  # refuses a non-finite input even where it would be trimmed
+        except NonFinite:
+            _locate_non_finite(ordered, keys)
+            raise
+        _check_output(ordered, keys, out)
+        return Outcome(weights=None, gram=None, flat=out, state=None)
     k_matrix: torch.Tensor | None = None
     if spec.needs_gram:
         k_matrix, diag = gram(tensors)
@@ -116,8 +127,13 @@ def _check_output(
 ) -> None:
     if not has_non_finite(out):
         return
+    _locate_non_finite(groups, keys)
+    raise Degenerate(f"the weighted sum overflows {str(out.dtype).removeprefix('torch.')}")
+
+
+def _locate_non_finite(groups: Mapping[str, Sequence[torch.Tensor]], keys: Sequence[str]) -> None:
+    """NonFinite naming the first group and key holding a NaN or infinity, if any does."""
     for row, key in enumerate(keys):
         for name, tensors in groups.items():
             if has_non_finite(tensors[row]):
                 raise NonFinite(f"group {name!r} key {key!r} contains NaN or infinity")
-    raise Degenerate(f"the weighted sum overflows {str(out.dtype).removeprefix('torch.')}")

@@ -14,6 +14,7 @@ import torch
 
 CPU_BLOCK = 1 << 18
 CUDA_BLOCK = 1 << 26
+CUDA_SCRATCH = 1 << 24
 UPCAST_CHUNK = 1 << 20
 PAIRWISE_MAX_GROUPS = 4
 WIDE = (torch.float32, torch.float64)
@@ -77,6 +78,9 @@ def combine(
     in_dtype = groups[0][0].dtype
     direct = out.dtype in WIDE and out.dtype.itemsize >= in_dtype.itemsize
     block = CUDA_BLOCK if out.device.type == "cuda" else CPU_BLOCK
+    largest = max(t.numel() for t in groups[0])
+    size = min(largest, CUDA_SCRATCH if out.device.type == "cuda" else block)
+    tmp = torch.empty(size if direct and len(groups) > 1 else 0, dtype=out.dtype, device=out.device)
     offset = 0
     for tensors in zip(*groups, strict=True):
         flats = [_flat(t) for t in tensors]
@@ -85,25 +89,28 @@ def combine(
             e = min(n, s + block)
             o = out[offset + s : offset + e]
             if direct:
-                _axpy_into(o, [f[s:e] for f in flats], weights)
+                _axpy_into(o, [f[s:e] for f in flats], weights, tmp)
             else:
                 o.copy_(_axpy_wide([f[s:e] for f in flats], weights))
         offset += n
     return out
 
 
-def _axpy_into(o: torch.Tensor, xs: Sequence[torch.Tensor], ws: Sequence[float]) -> None:
-    if ws[0] == 1.0 and len(xs) > 1:
-        torch.add(xs[0], xs[1], alpha=ws[1], out=o)
-        rest = zip(xs[2:], ws[2:])
-    elif ws[0] == 1.0:
+def _axpy_into(o: torch.Tensor, xs: Sequence[torch.Tensor], ws: Sequence[float], tmp: torch.Tensor) -> None:
+    """o = sum_i ws[i] * xs[i], each product rounded before it is added, as the seed's
+    `w_f * f + w_r * r` is: `add(alpha=)` fuses the multiply-add and can differ in the last bit."""
+    if ws[0] == 1.0:
         o.copy_(xs[0])
-        rest = zip(xs[1:], ws[1:])
     else:
         torch.mul(xs[0], ws[0], out=o)
-        rest = zip(xs[1:], ws[1:])
-    for x, w in rest:
-        o.add_(x, alpha=w)
+    n = o.numel()
+    for x, w in zip(xs[1:], ws[1:]):
+        if w == 1.0:
+            o.add_(x)
+            continue
+        for s in range(0, n, tmp.numel()):
+            e = min(n, s + tmp.numel())
+            o[s:e].add_(torch.mul(x[s:e], w, out=tmp[: e - s]))
 
 
 def _axpy_wide(xs: Sequence[torch.Tensor], ws: Sequence[float]) -> torch.Tensor:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from gradweight.errors import InvalidGradients
+from gradweight.errors import InvalidGradients, InvalidMethod
 from gradweight.methods import MethodSpec
 
 from .methods import solve
@@ -36,6 +36,8 @@ def weights_from_gram(
     spec: MethodSpec, gram: Sequence[Sequence[float]] | torch.Tensor, names: Sequence[str], state: Any = None
 ) -> tuple[dict[str, float], Any]:
     """Validate `gram` (rows and columns in `names` order) and return the weights by group name."""
+    if not spec.gives_weights:
+        raise InvalidMethod(f"method {spec.name!r} is elementwise: it needs the gradients, not a gram")
     k_matrix = check_gram(gram, len(names))
     w, new_state = solve(spec, k_matrix, names, state)
     return dict(zip(names, (float(v) for v in w))), new_state

@@ -9,11 +9,10 @@ import torch
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from gradweight.errors import NotReady
-from gradweight.methods import SPEC_CLASSES
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..deps import get_runtime, require_token
-from ..engine.methods import availability
+from ..engine.methods import REGISTRY, availability
 
 router = APIRouter()
 
@@ -29,20 +28,22 @@ def _version() -> str:
 async def methods() -> list[dict[str, Any]]:
     """Every method with its options as JSON Schema, so clients can validate before sending."""
     out = []
-    for cls in SPEC_CLASSES:
-        schema = cls.model_json_schema()
+    for name, method in REGISTRY.items():
+        cls = method.spec
         available, reason = availability(cls)
         out.append(
             {
-                "name": cls.model_fields["name"].default,
+                "name": name,
                 "summary": cls.summary,
                 "reference": cls.reference,
-                "options": schema,
+                "options": cls.model_json_schema(),
                 "needs_gram": cls.needs_gram,
+                "gives_weights": cls.gives_weights,
                 "groups": cls.groups_info(),
                 "stateful": cls.stateful,
                 "guarantee": cls.guarantee,
-                "requires": cls.requires,
+                "requires": method.extra,
+                "torchjd": method.torchjd,
                 "available": available,
                 "unavailable_reason": reason,
             }

@@ -1,86 +1,27 @@
-"""torchjd's Gramian weightings as methods: our float64 gram feeds their weighting, our combine applies it.
+"""Helpers the torchjd-backed methods share: seeding, preference vectors and the state envelope.
 
-One generic adapter serves every stateless method (`BUILDERS` maps a method name to the torchjd weighting
-built from its spec); the stateful ones (`gradvac`, `nash_mtl`) have their own modules and share the
-helpers here: dependency checks, seeding, the state envelope and solver-error mapping.
+torchjd's weightings are fed our float64 gram; their weights go back through `methods.solve`, which alone
+maps a failure or a non-finite weight to Degenerate.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from importlib.util import find_spec
 from typing import Any
 
 import torch
-from gradweight.errors import Degenerate, InvalidGradients, InvalidMethod
-from gradweight.methods import (
-    IMTLG,
-    MGDA,
-    AlignedMTL,
-    CAGrad,
-    DualProj,
-    FairGrad,
-    Krum,
-    Mean,
-    MethodSpec,
-    MultiTaskSpec,
-    PCGrad,
-    PrefVector,
-    Sum,
-    UPGrad,
-)
-
-# The modules each torchjd weighting needs (its `_REQUIRED_DEPS`, the quadprog projector's for UPGrad and
-# DualProj); tests/engine/test_mtl_properties.py checks them against torchjd's own lists.
-QUADPROG = ("numpy", "qpsolvers", "quadprog")
-REQUIRED_MODULES: dict[str, tuple[str, ...]] = {
-    "upgrad": QUADPROG,
-    "dualproj": QUADPROG,
-    "cagrad": ("numpy", "cvxpy", "clarabel"),
-    "fairgrad": ("numpy", "scipy"),
-    "nash_mtl": ("numpy", "cvxpy", "ecos"),
-}
+from gradweight.errors import InvalidMethod
+from gradweight.methods import MethodSpec, PrefVector
 
 SEED_MODULUS = 2**63
 _RNG_LOCK = threading.Lock()
 
-Weighting = Callable[[torch.Tensor], torch.Tensor]
-
-
-def missing_modules(spec_cls: type[MethodSpec]) -> list[str]:
-    name = str(spec_cls.model_fields["name"].default)
-    needed = REQUIRED_MODULES.get(name, ())
-    if issubclass(spec_cls, MultiTaskSpec):
-        needed = ("torchjd", *needed)
-    return [m for m in needed if find_spec(m) is None]
-
-
-def install_hint(spec_cls: type[MethodSpec]) -> str:
-    if spec_cls.requires:
-        return f"pip install 'gradweight-server[{spec_cls.requires}]'"
-    return "reinstall gradweight-server (a required dependency is missing)"
-
-
-def availability(spec_cls: type[MethodSpec]) -> tuple[bool, str | None]:
-    """(True, None) when the method can run here, else (False, why and what to install)."""
-    missing = missing_modules(spec_cls)
-    if not missing:
-        return True, None
-    return False, f"needs {', '.join(missing)}: {install_hint(spec_cls)}"
-
-
-def require(spec: MethodSpec) -> None:
-    """InvalidMethod naming the extra to install when the method's optional dependency is missing."""
-    ok, why = availability(type(spec))
-    if not ok:
-        raise InvalidMethod(f"method {spec.name!r} is not available on this server: {why}")
-
 
 @contextmanager
 def seeded(seed: int | None) -> Iterator[None]:
-    """Run torchjd's `torch.randperm` calls from a CPU generator seeded with `seed`, then restore it.
+    """Run torchjd's draws from the global CPU generator seeded with `seed`, then restore it.
 
     torchjd draws from the global CPU generator, so seeded calls are serialised by a lock; CUDA
     generators are not touched. `None` leaves the global generator alone (a fresh random draw).
@@ -97,53 +38,25 @@ def seeded(seed: int | None) -> Iterator[None]:
             torch.default_generator.set_state(saved)
 
 
-def solver_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions a weighting raises when it has no answer for these gradients (mapped to Degenerate)."""
-    errors: list[type[BaseException]] = [ValueError, RuntimeError, ArithmeticError]
-    try:
-        from qpsolvers.exceptions import QPError
-
-        errors.append(QPError)
-    except ImportError:
-        pass
-    try:
-        from cvxpy.error import SolverError
-
-        errors.append(SolverError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-def call(spec: MethodSpec, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """fn() as float64, its solver failures as Degenerate."""
-    try:
-        w = fn()
-    except (InvalidMethod, InvalidGradients, Degenerate):
-        raise
-    except solver_errors() as exc:
-        raise Degenerate(f"{spec.name}: {exc}") from None
-    w = w.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
-    if not bool(torch.isfinite(w).all()):
-        raise Degenerate(f"{spec.name}: the weights are not finite for these gradients")
-    return w
+def by_group(spec: MethodSpec, what: str, value: PrefVector, names: Sequence[str]) -> torch.Tensor | None:
+    """A per-group vector option in gram order (a list must have one entry per group; a dict name each)."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        if set(value) != set(names):
+            raise InvalidMethod(
+                f"{spec.name}: {what} names groups {sorted(value)}, the request has {sorted(names)}"
+            )
+        values = [value[n] for n in names]
+    else:
+        if len(value) != len(names):
+            raise InvalidMethod(f"{spec.name}: {what} has {len(value)} entries for {len(names)} groups")
+        values = list(value)
+    return torch.tensor(values, dtype=torch.float64)
 
 
 def pref_tensor(spec: MethodSpec, pref: PrefVector, names: Sequence[str]) -> torch.Tensor | None:
-    """The preference vector in gram order (a list must have one entry per group; a dict name each)."""
-    if pref is None:
-        return None
-    if isinstance(pref, dict):
-        if set(pref) != set(names):
-            raise InvalidMethod(
-                f"{spec.name}: pref_vector names groups {sorted(pref)}, the request has {sorted(names)}"
-            )
-        values = [pref[n] for n in names]
-    else:
-        if len(pref) != len(names):
-            raise InvalidMethod(f"{spec.name}: pref_vector has {len(pref)} entries for {len(names)} groups")
-        values = list(pref)
-    return torch.tensor(values, dtype=torch.float64)
+    return by_group(spec, "pref_vector", pref, names)
 
 
 def check_state(
@@ -167,128 +80,29 @@ def check_state(
     return state
 
 
-def finite_matrix(value: Any, k: int, what: str) -> torch.Tensor:
+def envelope(spec: MethodSpec, names: Sequence[str], step: int, **fields: Any) -> dict[str, Any]:
+    """The state a stateful method hands back for its next step."""
+    return {"method": spec.name, "groups": list(names), "step": step, **fields}
+
+
+def finite_tensor(value: Any, shape: tuple[int, ...], what: str) -> torch.Tensor:
+    """A state entry as a finite float64 tensor of `shape`; InvalidMethod otherwise."""
     try:
         m = torch.tensor(value, dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError):
-        raise InvalidMethod(f"`state.{what}` is not a matrix of numbers") from None
-    if m.shape != (k, k) or not bool(torch.isfinite(m).all()):
-        raise InvalidMethod(f"`state.{what}` must be a finite {k} x {k} matrix")
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise InvalidMethod(f"`state.{what}` is not numbers") from None
+    if tuple(m.shape) != shape or not bool(torch.isfinite(m).all()):
+        dims = " x ".join(str(d) for d in shape)
+        raise InvalidMethod(f"`state.{what}` must be finite, of shape {dims}")
     return m
 
 
-# --- the stateless methods ----------------------------------------------------------------------------
+def finite_matrix(value: Any, k: int, what: str) -> torch.Tensor:
+    return finite_tensor(value, (k, k), what)
 
 
-def _projector(spec: UPGrad | DualProj) -> Any:
-    from torchjd._linalg import QuadprogProjector
-
-    return QuadprogProjector(norm_eps=spec.norm_eps, reg_eps=spec.reg_eps)
-
-
-def _upgrad(spec: UPGrad, names: Sequence[str]) -> Weighting:
-    from torchjd.aggregation import UPGradWeighting
-
-    return UPGradWeighting(pref_tensor(spec, spec.pref_vector, names), projector=_projector(spec))
-
-
-def _dualproj(spec: DualProj, names: Sequence[str]) -> Weighting:
-    from torchjd.aggregation import DualProjWeighting
-
-    return DualProjWeighting(pref_tensor(spec, spec.pref_vector, names), projector=_projector(spec))
-
-
-def _mgda(spec: MGDA, names: Sequence[str]) -> Weighting:
-    from torchjd.aggregation import MGDAWeighting
-
-    return MGDAWeighting(epsilon=spec.epsilon, max_iters=spec.max_iters)
-
-
-def _imtl_g(spec: IMTLG, names: Sequence[str]) -> Weighting:
-    from torchjd.aggregation import IMTLGWeighting
-
-    return IMTLGWeighting()
-
-
-def _aligned_mtl(spec: AlignedMTL, names: Sequence[str]) -> Weighting:
-    from torchjd.aggregation import AlignedMTLWeighting
-
-    return AlignedMTLWeighting(pref_tensor(spec, spec.pref_vector, names), scale_mode=spec.scale_mode)
-
-
-def _pcgrad(spec: PCGrad, names: Sequence[str]) -> Weighting:
-    from torchjd.aggregation import PCGradWeighting
-
-    return PCGradWeighting()
-
-
-def _cagrad(spec: CAGrad, names: Sequence[str]) -> Weighting:
-    from torchjd.aggregation import CAGradWeighting
-
-    return CAGradWeighting(c=spec.c, norm_eps=spec.norm_eps)
-
-
-def _krum(spec: Krum, names: Sequence[str]) -> Weighting:
-    from torchjd.aggregation import KrumWeighting
-
-    k = len(names)
-    if k < spec.n_byzantine + 3:
-        raise InvalidGradients(
-            f"krum with n_byzantine={spec.n_byzantine} needs at least {spec.n_byzantine + 3} groups, got {k}"
-        )
-    if spec.n_selected > k:
-        raise InvalidGradients(f"krum: n_selected={spec.n_selected} exceeds the {k} groups")
-    return KrumWeighting(n_byzantine=spec.n_byzantine, n_selected=spec.n_selected)
-
-
-def _fairgrad(spec: FairGrad, names: Sequence[str]) -> Weighting:
-    from torchjd.aggregation import FairGradWeighting
-
-    return FairGradWeighting(alpha=spec.alpha, max_iters=spec.max_iters)
-
-
-def _mean(spec: Mean, names: Sequence[str]) -> Weighting:
-    from torchjd.aggregation import MeanWeighting
-
-    return MeanWeighting()
-
-
-def _sum(spec: Sum, names: Sequence[str]) -> Weighting:
-    from torchjd.aggregation import SumWeighting
-
-    return SumWeighting()
-
-
-BUILDERS: dict[str, Callable[[Any, Sequence[str]], Weighting]] = {
-    "upgrad": _upgrad,
-    "dualproj": _dualproj,
-    "mgda": _mgda,
-    "imtl_g": _imtl_g,
-    "aligned_mtl": _aligned_mtl,
-    "pcgrad": _pcgrad,
-    "cagrad": _cagrad,
-    "krum": _krum,
-    "fairgrad": _fairgrad,
-    "mean": _mean,
-    "sum": _sum,
-}
-
-
-def weights(
-    spec: MethodSpec, gram: torch.Tensor | None, names: Sequence[str], state: Any = None
-) -> tuple[torch.Tensor, None]:
-    """Weights of a stateless torchjd weighting; `mean` and `sum` need only the group count."""
-    require(spec)
-    weighting = BUILDERS[spec.name](spec, names)
-    # MeanWeighting / SumWeighting read only the row count of what they are given
-    stat = gram if gram is not None else torch.empty(len(names), 0, dtype=torch.float64)
-    seed = getattr(spec, "seed", None)
-
-    def compute() -> torch.Tensor:
-        with seeded(seed):
-            return weighting(stat)
-
-    w = call(spec, compute)
-    if w.shape != (len(names),):
-        raise Degenerate(f"{spec.name}: no weights for these gradients")
-    return w, None
+def finite_state(t: torch.Tensor | None, method: str, what: str) -> list[Any]:
+    """A tensor the next state carries, as JSON numbers; the state must stay finite."""
+    if t is None or not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{method}: the state's {what} is not finite for these gradients")
+    return list(t.to(torch.float64).tolist())

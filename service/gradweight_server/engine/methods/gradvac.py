@@ -12,17 +12,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from gradweight.errors import Degenerate
 from gradweight.methods import GradVac
 
-from ._torchjd import call, check_state, finite_matrix, require, seeded
+from ._method import Method
+from ._torchjd import check_state, envelope, finite_matrix, finite_state, seeded
 
 
 def weights(
     spec: GradVac, gram: torch.Tensor | None, names: Sequence[str], state: Any = None
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     assert gram is not None
-    require(spec)
     from torchjd.aggregation import GradVacWeighting
 
     k = len(names)
@@ -34,12 +33,11 @@ def weights(
         weighting._state_key = (k, torch.float64)
     seed = None if spec.seed is None else spec.seed + step
 
-    def compute() -> torch.Tensor:
-        with seeded(seed):
-            return weighting(gram.to(torch.float64))
+    with seeded(seed):
+        w = weighting(gram)
+    return w, envelope(spec, names, step + 1, phi=finite_state(weighting._phi_t, spec.name, "cosine targets"))
 
-    w = call(spec, compute)
-    phi = weighting._phi_t
-    if phi is None or not bool(torch.isfinite(phi).all()):
-        raise Degenerate("gradvac: the cosine targets are not finite for these gradients")
-    return w, {"method": spec.name, "groups": list(names), "step": step + 1, "phi": phi.tolist()}
+
+METHOD = Method(
+    GradVac, weights=weights, requires=("torchjd",), torchjd="GradVacWeighting", permutation_invariant=False
+)

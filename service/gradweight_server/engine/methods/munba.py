@@ -17,6 +17,8 @@ import torch
 from gradweight.errors import Degenerate
 from gradweight.methods import Munba
 
+from ._method import Method
+
 COLLINEAR_TOL = 1e-12
 
 
@@ -34,6 +36,7 @@ def weights(
         raise Degenerate(f"munba: the gradients are collinear (cosine {c:.6g}), k_rr k_ff = k_rf^2")
     a_r = math.sqrt((2.0 + c) / (k11 * (1.0 - c * c)))
     a_f = (1.0 - k11 * a_r * a_r) / (k12 * a_r)
-    if not (math.isfinite(a_r) and math.isfinite(a_f)):
-        raise Degenerate("munba: the closed form is not finite for these gradients")
     return torch.tensor([a_r, a_f], dtype=torch.float64), None
+
+
+METHOD = Method(Munba, weights=weights, permutation_invariant=False)

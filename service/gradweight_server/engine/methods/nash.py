@@ -1,9 +1,10 @@
 """`nash`: the exact Nash bargaining weights, the positive a with K a = 1/a.
 
 They minimise f(a) = 1/2 a^T K a - sum(log a) over a > 0 (gradient K a - 1/a, Hessian K + diag(1/a^2),
-positive definite), so the solution is unique when it exists. Two groups have a closed form; more are
-solved by damped Newton in float64 on the correlation matrix (unit diagonal), then unscaled. No solution
-exists when a gradient is zero or a nonzero non-negative combination of the gradients vanishes.
+positive definite), so the solution is unique when it exists. One group gives a = 1/|g|, two have a
+closed form, more are solved by damped Newton in float64 on the correlation matrix (unit diagonal), then
+unscaled. No solution exists when a gradient is zero or a nonzero non-negative combination of the
+gradients vanishes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 import torch
 from gradweight.errors import Degenerate
 from gradweight.methods import Nash
+
+from ._method import Method
 
 TOL = 1e-10
 OPPOSED_TOL = 1e-10
@@ -43,8 +46,6 @@ def weights(
         norm = math.sqrt(max(float(a @ gram @ a), 0.0))
         if norm > spec.max_norm:
             a = a * (spec.max_norm / norm)
-    if not bool(torch.isfinite(a).all()):
-        raise Degenerate("nash: the weights are not finite for these gradients")
     return a, None
 
 
@@ -90,3 +91,6 @@ def _newton(corr: torch.Tensor) -> torch.Tensor:
         "nash: no bargaining solution: a non-negative combination of the gradients (nearly) vanishes, "
         "so no direction improves every group"
     )
+
+
+METHOD = Method(Nash, weights=weights)

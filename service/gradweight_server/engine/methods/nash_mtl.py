@@ -20,7 +20,8 @@ import torch
 from gradweight.errors import InvalidMethod
 from gradweight.methods import NashMTL
 
-from ._torchjd import call, check_state, require
+from ._method import CVXPY_ECOS, Method
+from ._torchjd import check_state, envelope
 
 POOL_GROUP_COUNTS = 16
 POOL_PER_COUNT = 4
@@ -75,43 +76,38 @@ def weights(
     spec: NashMTL, gram: torch.Tensor | None, names: Sequence[str], state: Any = None
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     assert gram is not None
-    require(spec)
     import numpy as np
 
     k = len(names)
     restored = check_state(state, spec.name, names, ("prvs_alpha",))
     prvs_alpha = np.ones(k, dtype=np.float32) if restored is None else _restore_alpha(restored, k)
     step = 0 if restored is None else int(restored["step"])
-    gram = gram.to(torch.float64)
 
-    solved: dict[str, Any] = {}
-
-    def solve() -> torch.Tensor:
-        w = _acquire(k)
-        w.optim_niter = spec.optim_niter
-        w.prvs_alpha = prvs_alpha
-        # torchjd's _NashMTLWeighting.forward, with G G^T replaced by our gram
-        if step % spec.update_weights_every == 0:
-            w.normalization_factor = torch.norm(gram).numpy().reshape((1,))
-            gtg = gram / w.normalization_factor.item()
-            alpha = w._solve_optimization(gtg.numpy())  # a failed problem is dropped, not pooled
-        else:
-            alpha = w.prvs_alpha
-        solved["prvs_alpha"] = w.prvs_alpha
-        _release(k, w)
-        return torch.from_numpy(np.asarray(alpha)).to(torch.float64)
-
-    a = call(spec, solve)
+    w = _acquire(k)
+    w.optim_niter = spec.optim_niter
+    w.prvs_alpha = prvs_alpha
+    # torchjd's _NashMTLWeighting.forward, with G G^T replaced by our gram
+    if step % spec.update_weights_every == 0:
+        w.normalization_factor = torch.norm(gram).numpy().reshape((1,))
+        gtg = gram / w.normalization_factor.item()
+        alpha = w._solve_optimization(gtg.numpy())  # a failed problem raises and is dropped, not pooled
+    else:
+        alpha = w.prvs_alpha
+    new_alpha = np.asarray(w.prvs_alpha)
+    _release(k, w)
+    a = torch.from_numpy(np.asarray(alpha)).to(torch.float64)
     if spec.max_norm > 0:
         norm = math.sqrt(max(float(a @ gram @ a), 0.0))
         if norm > spec.max_norm:
             a = (a / norm) * spec.max_norm
-    new_alpha = np.asarray(solved["prvs_alpha"])
-    new_state = {
-        "method": spec.name,
-        "groups": list(names),
-        "step": step + 1,
-        "prvs_alpha": [float(v) for v in new_alpha.reshape(-1)],
-        "prvs_alpha_dtype": str(new_alpha.dtype),
-    }
+    new_state = envelope(
+        spec,
+        names,
+        step + 1,
+        prvs_alpha=[float(v) for v in new_alpha.reshape(-1)],
+        prvs_alpha_dtype=str(new_alpha.dtype),
+    )
     return a, new_state
+
+
+METHOD = Method(NashMTL, weights=weights, requires=("torchjd", *CVXPY_ECOS), extra="cvxpy", torchjd="NashMTL")
