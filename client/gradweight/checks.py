@@ -44,12 +44,8 @@ def pair_or(groups: Sequence[str] | None) -> list[str]:
     return list(groups) if groups is not None else list(PAIR)
 
 
-def check_weights(
-    weights: Any, groups: Sequence[str], request_id: str | None, *, required: bool = True
-) -> dict[str, float]:
-    """One finite number per group sent, no other name; absent weights only when not `required`."""
-    if weights is None and not required:
-        return {}
+def check_weights(weights: Any, groups: Sequence[str], request_id: str | None) -> dict[str, float]:
+    """One finite number per group sent, no other name."""
     if not isinstance(weights, dict):
         raise MalformedReply("reply lacks `weights`", request_id=request_id)
     if set(weights) != set(groups):
@@ -123,7 +119,8 @@ class Expected:
                     request_id=request_id,
                 )
         meta = reply_meta(header, request_id)
-        check_weights(meta.weights, self.groups, request_id, required=self.weights_required)
+        if meta.weights is not None or self.weights_required:
+            check_weights(meta.weights, self.groups, request_id)
         return meta
 
 

@@ -145,7 +145,7 @@ def _combine(args: argparse.Namespace) -> int:
     if getattr(args, "json", False):
         print(json.dumps(summary))
     else:
-        weights = ", ".join(f"{k}={v:.6g}" for k, v in res.weights.items()) or "elementwise"
+        weights = ", ".join(f"{k}={v:.6g}" for k, v in (res.weights or {}).items()) or "elementwise"
         name = res.method.get("name", "?")
         print(f"{name}: {weights}  ({res.numel} elements, {summary['dtype']}, on {res.device})")
         if args.output is not None:

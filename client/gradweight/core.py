@@ -175,6 +175,11 @@ class _Combine:
     device: str
 
 
+def _weights_of(weights: Any, plan: _Combine, reply: Reply) -> dict[str, float] | None:
+    """The reply's weights as floats; None for a method that gives none (elementwise; checked in sink)."""
+    return None if weights is None else check_weights(weights, plan.expected.groups, reply.request_id)
+
+
 class BaseClient:
     """Configuration and every call as an `Op`; the twins subclass it and only perform the steps."""
 
@@ -329,7 +334,7 @@ class BaseClient:
         flat = arrays[0] if plan.expected.layout == "flat" else None
         per_key = {} if flat is not None else dict(zip(plan.keys, arrays, strict=True))
         return CombineResult(
-            weights=check_weights(meta.weights, plan.expected.groups, reply.request_id, required=False),
+            weights=_weights_of(meta.weights, plan, reply),
             method=meta.method,
             scaled_grad=flat,
             params=per_key,
@@ -426,7 +431,7 @@ class BaseClient:
         return FileResult(
             data=reply.file.buffer.view,
             tensors={t.name: (DTYPES[t.dtype][1], t.shape) for t in self._views(plan, reply)},
-            weights=check_weights(meta.weights, plan.expected.groups, reply.request_id, required=False),
+            weights=_weights_of(meta.weights, plan, reply),
             method=meta.method,
             gram=meta.gram,
             device=meta.device,

@@ -46,11 +46,12 @@ class FileResult:
     """`combine_safetensors`: the reply as the safetensors file it is, checked, and what it reports.
 
     `data` is the whole file (write it to disk as is); `tensors` maps each tensor's name to its dtype (the
-    protocol's names: "float32", ...) and shape, in request order."""
+    protocol's names: "float32", ...) and shape, in request order; `weights` is None for the elementwise
+    methods."""
 
     data: memoryview
     tensors: dict[str, tuple[str, tuple[int, ...]]]
-    weights: dict[str, float]
+    weights: dict[str, float] | None
     method: dict[str, Any]
     gram: list[list[float]] | None = None
     device: str = ""
