@@ -230,8 +230,9 @@ def naive_app() -> FastAPI:
 def bench_engine(body: bytes, repeat: int) -> float:
     import torch
     from gradweight.methods import parse_method
-    from gradweight_server.decode import assemble, parse_safetensors
+    from gradweight_server.decode import parse_safetensors
     from gradweight_server.engine import run
+    from gradweight_server.views import assemble
 
     data = assemble(
         parse_safetensors(bytearray(body), max_header=1 << 26, max_tensors=1 << 20), torch.device("cpu")

@@ -46,6 +46,7 @@ class LiveServer:
 def _start(**overrides: Any) -> LiveServer:
     import uvicorn
     from gradweight_server.app import create_app
+    from gradweight_server.main import server_config
     from gradweight_server.settings import Settings
 
     overrides.setdefault("device", "cpu")
@@ -56,15 +57,7 @@ def _start(**overrides: Any) -> LiveServer:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        loop="uvloop",
-        http="httptools",
-        log_level="warning",
-        access_log=False,
-        lifespan="on",
-        timeout_graceful_shutdown=settings.shutdown_timeout_s,
-    )
+    config = server_config(app, settings, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=f"uvicorn-{port}"

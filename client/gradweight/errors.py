@@ -82,6 +82,22 @@ class PayloadTooLarge(APIError):
     status, code, title = 413, "payload-too-large", "Request body over the configured limit"
 
 
+class Forbidden(APIError):
+    status, code, title = 403, "forbidden", "Request from an origin this server does not serve"
+
+
+class RequestTimeout(APIError):
+    status, code, title = 408, "request-timeout", "Request not received in time"
+
+
+class MisdirectedRequest(APIError):
+    status, code, title = 421, "misdirected-request", "Host this server does not serve"
+
+
+class HeadersTooLarge(APIError):
+    status, code, title = 431, "headers-too-large", "Request header block over the limit"
+
+
 class UnsupportedMediaType(APIError):
     status, code, title = 415, "unsupported-media-type", "Unsupported Content-Type"
 
@@ -123,7 +139,11 @@ ERRORS_BY_CODE: dict[str, type[APIError]] = {
     for cls in (
         MalformedBody,
         Unauthorized,
+        Forbidden,
         PayloadTooLarge,
+        RequestTimeout,
+        MisdirectedRequest,
+        HeadersTooLarge,
         UnsupportedMediaType,
         InvalidMethod,
         InvalidGradients,

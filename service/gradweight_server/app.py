@@ -9,7 +9,8 @@ from fastapi import FastAPI
 
 from . import problems
 from .middleware import RequestContext
-from .routers import combine, meta, weights
+from .routers import combine, meta, ops, weights
+from .routers.docs import docs_router
 from .runtime import Runtime
 from .settings import Settings
 
@@ -32,11 +33,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1",
         summary="Combine forget/retain (or multi-task) gradients with MUNBa, Nash and friends.",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
+    app.router.redirect_slashes = False  # a redirect would be built from the client's Host header
     app.state.runtime = runtime
     app.include_router(combine.router)
     app.include_router(weights.router)
     app.include_router(meta.router)
+    app.include_router(ops.router)
+    app.include_router(docs_router(app, settings))
     problems.install(app)
-    app.add_middleware(RequestContext, metrics=runtime.metrics)
+    app.add_middleware(RequestContext, metrics=runtime.metrics, settings=settings)
     return app

@@ -1,94 +1,136 @@
-"""Stream the request body into one buffer: preallocated from Content-Length, grown only when chunked."""
+"""The request body: what the headers say about it (`BodyInfo`), and reading it into one leased buffer.
+
+Memory is committed as the bytes arrive, never from Content-Length alone (two clients declaring 1 GiB
+raised RSS by 1.8 GiB before sending a byte): the buffer grows with the data, unless the pool holds one of
+exactly the declared size from an earlier request, which is reused as is. A body must arrive within
+`body_timeout_s` plus its size at `body_min_rate`, and may not pause longer than `body_timeout_s`.
+"""
 
 from __future__ import annotations
 
-import anyio
-from fastapi import Request
-from gradweight.errors import MalformedBody, PayloadTooLarge
+import math
+import mmap
+from dataclasses import dataclass
+from enum import Enum
 
-from .admission import Ticket
-from .pool import BufferPool
+import anyio
+from gradweight.errors import MalformedBody, PayloadTooLarge
+from starlette.types import Receive
+
+from .admission import Reservation
+from .pool import Buffer, BufferPool, Lease
+
+# Bytes of host memory a body byte may cost: the body, plus the reply (a combine's result is at most half a
+# pair's body, in the input dtype) for binary bodies, or the Python objects JSON text parses into (`[[],..]`
+# expands about 26 times) for JSON ones. Set to the exact figure once the body is decoded.
+HELD_PER_BODY_BYTE = 1.5
+HELD_PER_JSON_BYTE = 32.0
+SMALL_BODY = 1 << 20
+SMALL_TEXT = 64 * 1024
 
 
 class ClientGone(Exception):
     """The client disconnected before its body arrived whole; there is no one left to answer."""
 
 
-class _Watchdog:
-    """Cancels the read unless every `window` seconds bring at least `min_bytes` (or the body ends).
+class BodyKind(str, Enum):
+    SAFETENSORS = "application/octet-stream"
+    MULTIPART = "multipart/form-data"
+    JSON = "application/json"
 
-    An idle timeout alone is re-armed by every byte, so a client trickling one byte a second would hold its
-    slot and its Content-Length-sized buffer for ever; requiring a minimum rate per window closes that.
-    """
 
-    def __init__(self, scope: anyio.CancelScope, window: float, min_rate: int) -> None:
-        self.scope = scope
-        self.window = window
-        self.min_bytes = max(1, int(min_rate * window))
-        self.pending = 0
-        scope.deadline = anyio.current_time() + window
+@dataclass(frozen=True, slots=True)
+class BodyInfo:
+    """What the request headers say about the body; `declared` is None for a chunked body."""
 
-    def fed(self, nbytes: int) -> None:
-        self.pending += nbytes
-        if self.pending >= self.min_bytes:
-            self.pending = 0
-            self.scope.deadline = anyio.current_time() + self.window
+    kind: BodyKind
+    content_type: str
+    declared: int | None
+    limit: int
+
+    def estimate(self, nbytes: int) -> int:
+        """What `nbytes` of this body may cost; JSON text up to SMALL_TEXT parses into a few MiB at most."""
+        if self.kind is BodyKind.JSON:
+            return nbytes + math.ceil(max(0, nbytes - SMALL_TEXT) * (HELD_PER_JSON_BYTE - 1))
+        return math.ceil(nbytes * HELD_PER_BODY_BYTE)
 
 
 async def read_body(
-    request: Request,
-    ticket: Ticket,
-    pool: BufferPool | None = None,
-    idle_timeout: float = 60.0,
-    min_rate: int = 1,
-) -> bytearray:
-    """The whole body; a client slower than `min_rate` bytes/s over any `idle_timeout` window gets 400."""
-    with anyio.CancelScope() as scope:
-        return await _read(request, ticket, pool, _Watchdog(scope, idle_timeout, min_rate))
+    receive: Receive,
+    info: BodyInfo,
+    reservation: Reservation,
+    pool: BufferPool,
+    *,
+    timeout_s: float,
+    min_rate: int,
+) -> Lease:
+    """The whole body in one leased buffer, read straight from the ASGI channel (no Starlette copies)."""
+    lease = pool.reuse(info.declared) if info.declared and info.kind is not BodyKind.JSON else None
+    try:
+        with anyio.CancelScope() as scope:
+            return await _read(receive, info, reservation, pool, lease, scope, timeout_s, min_rate)
+    except BaseException:
+        if lease is not None:
+            lease.close()
+        raise
+    if lease is not None:
+        lease.close()
     raise MalformedBody(
-        f"the body arrived slower than {min_rate} bytes/s over {idle_timeout:g} s; the request was dropped"
+        f"the body did not arrive in time: it may pause at most {timeout_s:g} s and must come "
+        f"at {min_rate} bytes/s or faster; the request was dropped"
     )
 
 
-async def _read(request: Request, ticket: Ticket, pool: BufferPool | None, watchdog: _Watchdog) -> bytearray:
-    """The whole body in one bytearray, read straight from the ASGI channel (no Starlette copies).
-
-    With Content-Length the buffer is allocated once at full size; a chunked body grows one buffer and is
-    accounted against the in-flight bytes and refused with 413 as soon as it passes the limit.
-    """
-    receive = request.receive
-    declared = ticket.declared
-    if declared is not None:
-        buf = pool.take(declared) if pool is not None else bytearray(declared)
-        view = memoryview(buf)
-        pos = 0
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                raise ClientGone
-            chunk = msg.get("body", b"")
-            watchdog.fed(len(chunk))
-            end = pos + len(chunk)
-            if end > declared:
-                raise MalformedBody(f"body longer than its Content-Length of {declared} bytes")
-            view[pos:end] = chunk
-            pos = end
-            if not msg.get("more_body", False):
-                break
-        view.release()
-        if pos != declared:
-            raise MalformedBody(f"body has {pos} bytes but Content-Length said {declared}")
-        return buf
-    buf = bytearray()
+async def _read(
+    receive: Receive,
+    info: BodyInfo,
+    reservation: Reservation,
+    pool: BufferPool,
+    lease: Lease | None,
+    scope: anyio.CancelScope,
+    timeout_s: float,
+    min_rate: int,
+) -> Lease:
+    start = anyio.current_time()
+    scope.deadline = start + timeout_s
+    declared = info.declared
+    buf = lease.buffer if lease is not None else _fresh(info)
+    view = memoryview(buf) if len(buf) else None
+    pos = 0
     while True:
         msg = await receive()
         if msg["type"] == "http.disconnect":
             raise ClientGone
         chunk = msg.get("body", b"")
-        watchdog.fed(len(chunk))
-        if len(buf) + len(chunk) > ticket.limit:
-            raise PayloadTooLarge(f"chunked body passed the limit of {ticket.limit} bytes")
-        ticket.grow(len(chunk))
-        buf += chunk
+        end = pos + len(chunk)
+        if declared is not None and end > declared:
+            raise MalformedBody(f"body longer than its Content-Length of {declared} bytes")
+        if end > info.limit:
+            raise PayloadTooLarge(f"chunked body passed the limit of {info.limit} bytes")
+        if declared is None:
+            reservation.grow(info.estimate(end) - info.estimate(pos))
+        if view is not None:
+            view[pos:end] = chunk
+        else:
+            assert isinstance(buf, bytearray)
+            buf += chunk
+        pos = end
         if not msg.get("more_body", False):
-            return buf
+            break
+        now = anyio.current_time()
+        scope.deadline = min(now + timeout_s, start + timeout_s + max(pos, declared or 0) / min_rate)
+    if view is not None:
+        view.release()
+    if declared is not None and pos != declared:
+        raise MalformedBody(f"body has {pos} bytes but Content-Length said {declared}")
+    return lease if lease is not None else pool.adopt(buf)
+
+
+def _fresh(info: BodyInfo) -> Buffer:
+    """A buffer for a body not in the pool: an mmap of the declared size (pages committed as bytes land),
+    a small bytearray, or an empty one that grows (chunked bodies, and JSON, which json.loads needs whole)."""
+    if info.declared is None or info.kind is BodyKind.JSON:
+        return bytearray()
+    if info.declared <= SMALL_BODY:
+        return bytearray(info.declared)
+    return mmap.mmap(-1, info.declared)

@@ -1,15 +1,15 @@
-"""Request bodies -> gradient groups, without copying tensor bytes.
+"""Request bodies -> `Parsed`, without copying tensor bytes.
 
 All three body forms become a `Parsed`: tensors still described as spans of the request buffer (or, for
-JSON, small tensors), plus the body's method spec, `groups`, `order` and `state`. `assemble` then applies
-PROTOCOL.md's rules on groups, keys and order and makes the tensor views, on CPU in place and on CUDA
-after one host-to-device copy of the data region.
+JSON, small tensors), plus the body's method spec, `groups`, `order` and `state`. `views.assemble` then
+applies PROTOCOL.md's rules on groups, keys and order and makes the tensor views.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,10 +18,11 @@ from gradweight import wire
 from gradweight.errors import InvalidGradients, InvalidMethod, MalformedBody
 from gradweight.methods import PAIR, MethodSpec, parse_method
 
-from .admission import BodyKind
+from . import multipart
+from .body import BodyInfo, BodyKind
+from .pool import Buffer
 
 GROUP_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}\Z")
-DECIMAL_KEY = re.compile(r"(0|[1-9][0-9]*)\Z")
 TORCH_DTYPES: dict[str, torch.dtype] = {tag: getattr(torch, wire.DTYPES[tag][1]) for tag in wire.FLOAT_DTYPES}
 JSON_FIELDS = frozenset({"method", "forget", "retain", "groups", "state"})
 TEXT_PARTS = ("method", "groups", "state", "order")
@@ -42,7 +43,7 @@ Source = Span | torch.Tensor
 
 @dataclass
 class Parsed:
-    buffer: bytearray
+    buffer: Buffer
     tensors: dict[str, dict[str, Source]] = field(default_factory=dict)
     method: Any = None
     groups: list[str] | None = None
@@ -51,29 +52,38 @@ class Parsed:
     n_tensors: int = 0
 
 
-@dataclass
-class Assembled:
-    """Groups ready for the engine, and what the reply needs to lay out the result."""
-
-    groups: dict[str, list[torch.Tensor]]
-    keys: list[str]
-    shapes: list[tuple[int, ...]]
-    dtype: torch.dtype
-    numel: int
+def _no_hold(nbytes: int) -> None:
+    pass
 
 
 def parse_body(
-    kind: BodyKind, content_type: str, buf: bytearray, *, max_header: int, max_tensors: int
+    info: BodyInfo,
+    buf: Buffer,
+    *,
+    max_header: int,
+    max_tensors: int,
+    hold: Callable[[int], None] = _no_hold,
 ) -> Parsed:
-    if kind is BodyKind.SAFETENSORS:
-        return parse_safetensors(buf, max_header=max_header, max_tensors=max_tensors)
-    if kind is BodyKind.MULTIPART:
-        return parse_multipart(buf, content_type, max_header=max_header, max_tensors=max_tensors)
+    """`hold(n)` is told the size of each JSON text before it is parsed, so its objects can be accounted."""
+    if info.kind is BodyKind.SAFETENSORS:
+        return parse_safetensors(buf, max_header=max_header, max_tensors=max_tensors, hold=hold)
+    if info.kind is BodyKind.MULTIPART:
+        return parse_multipart(
+            buf, info.content_type, max_header=max_header, max_tensors=max_tensors, hold=hold
+        )
     return parse_json_body(buf, max_tensors=max_tensors)
 
 
-def parse_safetensors(buf: bytearray, *, max_header: int, max_tensors: int) -> Parsed:
-    header = wire.parse(buf, max_header=max_header, max_tensors=max_tensors)
+def _header_size(buf: Buffer | memoryview, max_header: int) -> int:
+    """The declared length of a safetensors JSON header, capped at what wire.parse will accept."""
+    return min(int.from_bytes(buf[:8], "little"), max_header) if len(buf) >= 8 else 0
+
+
+def parse_safetensors(
+    buf: Buffer, *, max_header: int, max_tensors: int, hold: Callable[[int], None] = _no_hold
+) -> Parsed:
+    hold(_header_size(buf, max_header))
+    header = wire.parse(memoryview(buf), max_header=max_header, max_tensors=max_tensors)
     parsed = Parsed(buf, n_tensors=len(header.tensors))
     for t in header.tensors:
         group, sep, key = t.name.partition("/")
@@ -88,16 +98,24 @@ def parse_safetensors(buf: bytearray, *, max_header: int, max_tensors: int) -> P
     return parsed
 
 
-def parse_multipart(buf: bytearray, content_type: str, *, max_header: int, max_tensors: int) -> Parsed:
+def parse_multipart(
+    buf: Buffer,
+    content_type: str,
+    *,
+    max_header: int,
+    max_tensors: int,
+    hold: Callable[[int], None] = _no_hold,
+) -> Parsed:
     parsed = Parsed(buf)
     orders: list[list[str]] = []
-    for name, begin, end in _multipart_parts(buf, content_type, max_parts=max_tensors + len(TEXT_PARTS)):
+    for name, begin, end in multipart.parts(buf, content_type, max_parts=max_tensors + len(TEXT_PARTS)):
         text_part = name in TEXT_PARTS
         if text_part:
             if end - begin > max_header:
                 raise MalformedBody(
                     f"multipart part {name!r} is over the {max_header}-byte limit of text parts"
                 )
+            hold(end - begin)
             try:
                 text = buf[begin:end].decode("utf-8")
             except UnicodeDecodeError:
@@ -115,7 +133,9 @@ def parse_multipart(buf: bytearray, content_type: str, *, max_header: int, max_t
             raise MalformedBody(f"multipart part name {name[:80]!r} is not a valid group name")
         if name in parsed.tensors:
             raise MalformedBody(f"multipart part {name!r} given twice")
-        header = wire.parse(memoryview(buf)[begin:end], max_header=max_header, max_tensors=max_tensors)
+        part = memoryview(buf)[begin:end]
+        hold(_header_size(part, max_header))
+        header = wire.parse(part, max_header=max_header, max_tensors=max_tensors)
         parsed.n_tensors += len(header.tensors)
         if parsed.n_tensors > max_tensors:
             raise MalformedBody(f"more than {max_tensors} tensors in the request")
@@ -132,10 +152,10 @@ def parse_multipart(buf: bytearray, content_type: str, *, max_header: int, max_t
     return parsed
 
 
-def json_object(buf: bytes | bytearray, fields: frozenset[str]) -> dict[str, Any]:
+def json_object(buf: bytes | Buffer, fields: frozenset[str]) -> dict[str, Any]:
     """A JSON body that must be an object with only the given fields; MalformedBody otherwise."""
     try:
-        obj = json.loads(buf)
+        obj = json.loads(buf if isinstance(buf, (bytes, bytearray)) else bytes(buf))
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise MalformedBody("body is not valid UTF-8 JSON") from None
     if not isinstance(obj, dict):
@@ -146,7 +166,7 @@ def json_object(buf: bytes | bytearray, fields: frozenset[str]) -> dict[str, Any
     return obj
 
 
-def parse_json_body(buf: bytearray, *, max_tensors: int) -> Parsed:
+def parse_json_body(buf: Buffer, *, max_tensors: int) -> Parsed:
     obj = json_object(buf, JSON_FIELDS)
     parsed = Parsed(buf, method=obj.get("method"))
     state = obj.get("state")
@@ -195,136 +215,6 @@ def resolve_method(body_method: Any, query_method: str | None) -> MethodSpec:
         raise InvalidMethod("method spec is not valid JSON") from None
 
 
-def assemble(parsed: Parsed, device: torch.device) -> Assembled:
-    """Apply the group, key and order rules, then view each tensor in place (or on `device`)."""
-    present = parsed.tensors
-    if parsed.groups is not None:
-        names = parsed.groups
-        missing = [g for g in names if g not in present]
-        if missing:
-            raise InvalidGradients(f"group {missing[0]!r} is listed in `groups` but has no tensors")
-        extra = [g for g in present if g not in names]
-        if extra:
-            raise InvalidGradients(f"tensors of group {extra[0]!r}, which `groups` does not list")
-    else:
-        extra = [g for g in present if g not in PAIR]
-        if extra:
-            raise InvalidGradients(f"group {extra[0]!r} needs the `groups` entry listing every group")
-        names = [g for g in PAIR if g in present]
-    if not names:
-        raise InvalidGradients("no gradients: expected groups 'forget' and 'retain'")
-    for g in names:
-        if not present[g]:
-            raise InvalidGradients(f"group {g!r} is empty")
-    first = present[names[0]]
-    for g in names[1:]:
-        other = present[g]
-        if other.keys() != first.keys():
-            diff = sorted(set(first) ^ set(other))[0]
-            raise InvalidGradients(f"groups {names[0]!r} and {g!r} differ in their keys (e.g. {diff[:80]!r})")
-    keys = _ordered_keys(list(first), parsed.order)
-    dtypes = {_dtype_of(src, g, k) for g in names for k, src in present[g].items()}
-    if len(dtypes) > 1:
-        raise InvalidGradients(f"mixed dtypes {sorted(_name(d) for d in dtypes)}: use one float dtype")
-    shapes = [_shape_of(first[k]) for k in keys]
-    for g in names[1:]:
-        for k, shape in zip(keys, shapes):
-            if _shape_of(present[g][k]) != shape:
-                raise InvalidGradients(f"key {k[:80]!r}: shape differs between {names[0]!r} and {g!r}")
-    numel = sum(_numel(s) for s in shapes)
-    if numel == 0:
-        raise InvalidGradients("the gradients have no elements")
-    views = _views(parsed, names, device)
-    groups = {
-        g: [
-            src.to(device) if isinstance(src, torch.Tensor) else views[src.begin]
-            for src in (present[g][k] for k in keys)
-        ]
-        for g in names
-    }
-    return Assembled(groups, keys, shapes, dtypes.pop(), numel)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _name(dtype: torch.dtype | str) -> str:
-    """The protocol's name of a torch dtype or a safetensors tag: "float32", never "torch.float32"/"F32"."""
-    if isinstance(dtype, str):
-        return wire.DTYPES[dtype][1] if dtype in wire.DTYPES else dtype
-    return str(dtype).removeprefix("torch.")
-
-
-def _dtype_of(src: Source, group: str, key: str) -> torch.dtype:
-    if isinstance(src, torch.Tensor):
-        return src.dtype
-    if src.dtype not in TORCH_DTYPES:
-        name = _name(src.dtype)
-        raise InvalidGradients(f"group {group!r} key {key[:80]!r}: dtype {name} is not a float type")
-    return TORCH_DTYPES[src.dtype]
-
-
-def _shape_of(src: Source) -> tuple[int, ...]:
-    return tuple(src.shape)
-
-
-def _views(parsed: Parsed, names: list[str], device: torch.device) -> dict[int, torch.Tensor]:
-    """Every span's tensor, keyed by its first byte.
-
-    Spans that follow each other without a gap form a region (the data of one safetensors file); each region
-    is viewed as one typed tensor and cut with one `torch.split`, which makes thousands of views far faster
-    than slicing them one by one. On CUDA the bytes from the first to the last span go to the device in one
-    copy first. A region whose start is not aligned to the itemsize (a multipart part can start anywhere) is
-    copied once to aligned memory, as a view there would be misaligned.
-    """
-    spans = sorted(
-        (s for g in names for s in parsed.tensors[g].values() if isinstance(s, Span)), key=lambda s: s.begin
-    )
-    if not spans:
-        return {}
-    host = torch.frombuffer(parsed.buffer, dtype=torch.uint8)
-    shift = 0
-    data = host
-    if device.type != "cpu":
-        shift = spans[0].begin
-        data = host[shift : spans[-1].end].to(device)
-    out: dict[int, torch.Tensor] = {}
-    region: list[Span] = []
-    for span in spans:
-        if region and span.begin != region[-1].end:
-            out.update(_cut(data, region, shift))
-            region = []
-        region.append(span)
-    out.update(_cut(data, region, shift))
-    return out
-
-
-def _cut(data: torch.Tensor, region: list[Span], shift: int) -> dict[int, torch.Tensor]:
-    dtype = TORCH_DTYPES[region[0].dtype]
-    raw = data[region[0].begin - shift : region[-1].end - shift]
-    if (region[0].begin - shift) % dtype.itemsize:
-        raw = raw.clone()
-    typed = raw.view(dtype)
-    sizes = [(s.end - s.begin) // dtype.itemsize for s in region]
-    pieces = torch.split(typed, sizes)
-    return {s.begin: piece if len(s.shape) == 1 else piece.view(s.shape) for s, piece in zip(region, pieces)}
-
-
-def _ordered_keys(keys: list[str], order: list[str] | None) -> list[str]:
-    if order is not None:
-        if len(order) != len(keys) or set(order) != set(keys):
-            raise InvalidGradients("`order` must list every key exactly once")
-        return order
-    if not all(DECIMAL_KEY.match(k) for k in keys):
-        bad = next(k for k in keys if not DECIMAL_KEY.match(k))
-        raise InvalidGradients(f"key {bad[:80]!r} is not a decimal integer and no `order` metadata is given")
-    return sorted(keys, key=int)
-
-
 def _json_text(text: str | None, what: str) -> Any:
     if text is None:
         return None
@@ -355,58 +245,3 @@ def _order(value: Any) -> list[str] | None:
     if len(set(value)) != len(value):
         raise InvalidGradients("`order` lists a key twice")
     return value
-
-
-_PARAM = re.compile(r';\s*([A-Za-z0-9_\-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s]*)')
-
-
-def _params(header_value: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for name, value in _PARAM.findall(header_value):
-        if value.startswith('"'):
-            value = value[1:-1].replace('\\"', '"').replace("\\\\", "\\")
-        out[name.lower()] = value
-    return out
-
-
-def _multipart_parts(buf: bytearray, content_type: str, *, max_parts: int) -> list[tuple[str, int, int]]:
-    """(name, begin, end) of each form-data part, located in place (RFC 7578); no part is copied.
-
-    Every group part carries at least one tensor, so more parts than tensors allowed is refused early.
-    """
-    boundary = _params(content_type).get("boundary")
-    if not boundary or len(boundary) > 200:
-        raise MalformedBody("multipart Content-Type lacks a valid boundary")
-    delim = b"--" + boundary.encode("latin-1")
-    pos = buf.find(delim)
-    if pos < 0:
-        raise MalformedBody("multipart body lacks its boundary")
-    parts: list[tuple[str, int, int]] = []
-    while True:
-        pos += len(delim)
-        if buf[pos : pos + 2] == b"--":
-            return parts
-        if buf[pos : pos + 2] != b"\r\n":
-            raise MalformedBody("multipart boundary not followed by CRLF")
-        head_end = buf.find(b"\r\n\r\n", pos + 2)
-        if head_end < 0 or head_end - pos > 16384:
-            raise MalformedBody("multipart part headers are unterminated")
-        try:
-            head = buf[pos + 2 : head_end].decode("utf-8")
-        except UnicodeDecodeError:
-            raise MalformedBody("multipart part headers are not UTF-8") from None
-        name = None
-        for line in head.split("\r\n"):
-            field_name, _, value = line.partition(":")
-            if field_name.strip().lower() == "content-disposition":
-                name = _params(value).get("name")
-        if name is None:
-            raise MalformedBody("multipart part without Content-Disposition name")
-        begin = head_end + 4
-        end = buf.find(b"\r\n" + delim, begin)
-        if end < 0:
-            raise MalformedBody(f"multipart part {name[:80]!r} is not closed by the boundary")
-        parts.append((name, begin, end))
-        if len(parts) > max_parts:
-            raise MalformedBody(f"more than {max_parts} multipart parts")
-        pos = end + 2

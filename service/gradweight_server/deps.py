@@ -1,9 +1,16 @@
-"""Request dependencies: bearer auth, readiness, and admission before a body byte is read."""
+"""Request dependencies: bearer auth, readiness, admission before a body byte is read, and the read body.
+
+Routes receive typed objects: `Body` (the admitted body, read whole into a leased buffer, with its
+`BodyInfo`) and the `RequestRecord`. Admission and body reading are parameterised once per route
+(`read_body_of(kinds)`), so no route repeats them and no dependency knows route paths.
+"""
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
 
 from fastapi import Depends, Request
 from gradweight.errors import (
@@ -14,7 +21,9 @@ from gradweight.errors import (
     UnsupportedMediaType,
 )
 
-from .admission import BodyKind, Ticket
+from .body import BodyInfo, BodyKind, read_body
+from .pool import Buffer, Lease
+from .record import RequestRecord
 from .runtime import Runtime
 from .settings import Settings
 
@@ -26,6 +35,11 @@ def get_runtime(request: Request) -> Runtime:
 
 def get_settings(request: Request) -> Settings:
     return get_runtime(request).settings
+
+
+def get_record(request: Request) -> RequestRecord:
+    record: RequestRecord = request.state.record
+    return record
 
 
 def require_token(request: Request) -> None:
@@ -62,30 +76,55 @@ def _declared_length(request: Request) -> int | None:
     return n
 
 
-async def admit_body(
-    request: Request, _auth: None = Depends(require_token), _ready: None = Depends(require_ready)
-) -> AsyncIterator[Ticket]:
-    """Refuse by Content-Type, size and load before reading the body; release the bytes afterwards."""
-    runtime = get_runtime(request)
-    settings = runtime.settings
+def body_info(request: Request, kinds: frozenset[BodyKind]) -> BodyInfo:
+    """The body as the headers describe it; 415 or 413 before any of it is read."""
     mt = media_type(request)
     try:
         kind = BodyKind(mt)
     except ValueError:
-        raise UnsupportedMediaType(
-            f"Content-Type {mt or '(none)'!r}: use application/octet-stream, multipart/form-data "
-            "or application/json"
-        ) from None
-    if request.url.path.endswith("/weights") and kind is not BodyKind.JSON:
-        raise UnsupportedMediaType("POST /v1/weights takes application/json")
+        kind = None
+    if kind not in kinds:
+        accepted = ", ".join(k.value for k in BodyKind if k in kinds)
+        raise UnsupportedMediaType(f"Content-Type {mt or '(none)'!r}: {request.url.path} takes {accepted}")
+    settings = get_settings(request)
     limit = settings.max_json_body_bytes if kind is BodyKind.JSON else settings.max_body_bytes
     declared = _declared_length(request)
     if declared is not None and declared > limit:
         raise PayloadTooLarge(f"body of {declared} bytes is over the limit of {limit} bytes")
-    ticket = runtime.admission.admit(declared or 0)
-    ticket.declared, ticket.limit, ticket.kind = declared, limit, kind
-    ticket.content_type = request.headers.get("content-type", "")
-    try:
-        yield ticket
-    finally:
-        ticket.release()
+    return BodyInfo(kind, request.headers.get("content-type", ""), declared, limit)
+
+
+@dataclass
+class Body:
+    """An admitted request body, read whole; `lease` holds its buffer until the route closes it."""
+
+    info: BodyInfo
+    lease: Lease
+
+    @property
+    def buffer(self) -> Buffer:
+        return self.lease.buffer
+
+
+def read_body_of(kinds: frozenset[BodyKind]) -> Callable[..., Coroutine[Any, Any, Body]]:
+    """A dependency: auth, readiness, media type and size, admission, then the body read whole."""
+
+    async def dependency(
+        request: Request, _auth: None = Depends(require_token), _ready: None = Depends(require_ready)
+    ) -> Body:
+        runtime = get_runtime(request)
+        settings = runtime.settings
+        record = get_record(request)
+        info = body_info(request, kinds)
+        record.reservation = runtime.admission.admit(info.estimate(info.declared or 0))
+        lease = await read_body(
+            request.receive,
+            info,
+            record.reservation,
+            runtime.pool,
+            timeout_s=settings.body_timeout_s,
+            min_rate=settings.body_min_rate,
+        )
+        return Body(info, record.hold(lease))
+
+    return dependency

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from gradweight import wire
 
+from .pool import Buffer, Lease
+
 _ROOM_BASE = 2048
 _ROOM_PER_GRAM_ENTRY = 32
 _ROOM_STATEFUL = 8192
@@ -26,16 +28,21 @@ class OctetReply:
     """A reply buffer laid out before the compute; `out` views its data region (CPU only)."""
 
     entries: list[tuple[str, str, Sequence[int]]]
-    buffer: bytearray
+    lease: Lease
     room: int
     data_start: int
     nbytes: int
+
+    @property
+    def buffer(self) -> Buffer:
+        return self.lease.buffer
 
     def out(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
         return torch.frombuffer(self.buffer, dtype=dtype, count=numel, offset=self.data_start)
 
     def finish(self, metadata: dict[str, str]) -> memoryview:
-        """Write the header; the bytes to send (the whole buffer unless the metadata did not fit)."""
+        """Write the header; the bytes to send (the whole buffer unless the metadata did not fit, in which
+        case the data is copied once to a new buffer and the leased one goes back at once)."""
         full, _ = wire.build_header(self.entries, metadata)
         text = full[8:].rstrip(b" ")
         if len(text) <= self.room:
@@ -45,6 +52,7 @@ class OctetReply:
             return memoryview(self.buffer)
         grown = bytearray(full)
         grown += memoryview(self.buffer)[self.data_start : self.data_start + self.nbytes]
+        self.lease.close()
         return memoryview(grown)
 
 
@@ -58,7 +66,7 @@ def plan_octet(
     n_groups: int,
     spec_json: str,
     state_chars: int | None,
-    alloc: Callable[[int], bytearray] = bytearray,
+    lease: Callable[[int], Lease],
 ) -> OctetReply:
     tag = wire.TAG_BY_NAME[str(dtype).removeprefix("torch.")]
     entries: list[tuple[str, str, Sequence[int]]]
@@ -75,7 +83,7 @@ def plan_octet(
     room += -(8 + room) % wire.ALIGN
     data_start = 8 + room
     nbytes = numel * dtype.itemsize
-    return OctetReply(entries, alloc(data_start + nbytes), room, data_start, nbytes)
+    return OctetReply(entries, lease(data_start + nbytes), room, data_start, nbytes)
 
 
 def reply_metadata(

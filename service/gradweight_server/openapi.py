@@ -25,8 +25,12 @@ _ERRORS: dict[str, Any] = {
     for status, what in (
         (400, "malformed-body"),
         (401, "unauthorized"),
+        (403, "forbidden (an Origin not in allowed_origins)"),
+        (408, "request-timeout (the request head did not arrive in time)"),
         (413, "payload-too-large"),
         (415, "unsupported-media-type"),
+        (421, "misdirected-request (a Host not in allowed_hosts)"),
+        (431, "headers-too-large"),
         (422, "invalid-method, invalid-gradients, non-finite or degenerate"),
         (503, "overloaded, not-ready or device-out-of-memory (with Retry-After)"),
     )

@@ -5,12 +5,49 @@ measured machines costs about as much as receiving the bytes; a trainer sends th
 the previous step's buffer is reused as is. Reply buffers come back too, but the transport may still hold
 a view of one after the handler returns, so a buffer is handed out only once nothing exports it. Only sizes
 asked for more than once recently are kept: a one-off size would only sit in the pool until evicted.
+
+Buffers are handed out as `Lease`s, which give their buffer back exactly once whichever path a request
+takes (success, error or disconnect); the request record closes any lease still open when the reply is sent.
 """
 
 from __future__ import annotations
 
+import mmap
 import threading
 from collections import OrderedDict
+from types import TracebackType
+
+# A body buffer: a bytearray, or an anonymous mmap, whose pages are committed only as bytes land in them.
+Buffer = bytearray | mmap.mmap
+
+
+class Lease:
+    """A buffer borrowed from a pool; `close` (or leaving the `with` block) gives it back, once."""
+
+    __slots__ = ("buffer", "closed", "pool")
+
+    def __init__(self, pool: BufferPool, buffer: Buffer) -> None:
+        self.pool = pool
+        self.buffer = buffer
+        self.closed = False
+
+    def __len__(self) -> int:
+        return len(self.buffer)
+
+    def close(self) -> None:
+        """Give the buffer back and drop this lease's reference, so an unpooled buffer is freed now."""
+        if not self.closed:
+            self.closed = True
+            buf, self.buffer = self.buffer, bytearray()
+            self.pool.give(buf)
+
+    def __enter__(self) -> Buffer:
+        return self.buffer
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
 
 
 class BufferPool:
@@ -20,7 +57,7 @@ class BufferPool:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._free: OrderedDict[int, list[bytearray]] = OrderedDict()
+        self._free: OrderedDict[int, list[Buffer]] = OrderedDict()
         self._asked: OrderedDict[int, int] = OrderedDict()
         self._held = 0
         self._lock = threading.Lock()
@@ -29,7 +66,24 @@ class BufferPool:
     def held(self) -> int:
         return self._held
 
-    def take(self, size: int) -> bytearray:
+    def lease(self, size: int) -> Lease:
+        """A buffer of exactly `size` bytes: a pooled one, or a fresh (zero-filled) one."""
+        return Lease(self, self.take(size))
+
+    def reuse(self, size: int) -> Lease | None:
+        """A pooled buffer of exactly `size` bytes, or None: memory already committed, nothing new."""
+        buf = self._pop(size)
+        return Lease(self, buf) if buf is not None else None
+
+    def adopt(self, buf: Buffer) -> Lease:
+        """Lease a buffer made elsewhere, so it joins the pool when closed."""
+        return Lease(self, buf)
+
+    def take(self, size: int) -> Buffer:
+        buf = self._pop(size)
+        return buf if buf is not None else bytearray(size)
+
+    def _pop(self, size: int) -> Buffer | None:
         with self._lock:
             self._asked[size] = self._asked.get(size, 0) + 1
             self._asked.move_to_end(size)
@@ -43,9 +97,9 @@ class BufferPool:
                         del self._free[size]
                     self._held -= size
                     return buf
-        return bytearray(size)
+        return None
 
-    def give(self, buf: bytearray) -> None:
+    def give(self, buf: Buffer) -> None:
         size = len(buf)
         if size == 0 or size > self.max_bytes:
             return
@@ -63,11 +117,16 @@ class BufferPool:
                 self._held -= old_size
 
 
-def _exported(buf: bytearray) -> bool:
+def _exported(buf: Buffer) -> bool:
     """Whether a view of `buf` is alive (e.g. queued in a transport): CPython refuses to resize it then."""
     try:
+        if isinstance(buf, mmap.mmap):
+            buf.resize(len(buf))
+            return False
         buf.append(0)
     except BufferError:
+        return True
+    except (OSError, SystemError):  # no mremap (not Linux): an mmap is then never handed out again
         return True
     del buf[-1]
     return False

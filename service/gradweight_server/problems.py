@@ -12,9 +12,13 @@ from fastapi.responses import Response
 from gradweight.errors import APIError, InvalidMethod, MalformedBody
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .body import ClientGone
+from .record import RequestRecord
+
 log = logging.getLogger("gradweight_server")
 PROBLEM_JSON = "application/problem+json"
 MAX_DETAIL = 500
+MAX_PATH = 200
 
 
 def _body(err: APIError, request_id: str | None) -> dict[str, Any]:
@@ -40,9 +44,9 @@ def problem_bytes(err: APIError, request_id: str | None = None) -> bytes:
     return json.dumps(_body(err, request_id)).encode()
 
 
-def _request_id(request: Request) -> str | None:
-    ctx = request.scope.get("gw")
-    return ctx.get("request_id") if isinstance(ctx, dict) else None
+def _record(request: Request) -> RequestRecord | None:
+    record = request.scope.get("state", {}).get("record")
+    return record if isinstance(record, RequestRecord) else None
 
 
 def install(app: FastAPI) -> None:
@@ -50,10 +54,16 @@ def install(app: FastAPI) -> None:
 
     async def api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, APIError)
-        ctx = request.scope.get("gw")
-        if isinstance(ctx, dict):
-            ctx["error"] = exc.code
-        return problem_response(exc, _request_id(request))
+        record = _record(request)
+        if record is not None:
+            record.error = exc.code
+        return problem_response(exc, record.request_id if record is not None else None)
+
+    async def client_gone(request: Request, exc: Exception) -> Response:
+        record = _record(request)
+        if record is not None:
+            record.error = "client-disconnected"
+        return Response(status_code=499)
 
     async def validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
@@ -71,7 +81,7 @@ def install(app: FastAPI) -> None:
             "type": f"https://gradweight.dev/problems/{code}",
             "title": str(exc.detail),
             "status": exc.status_code,
-            "detail": f"{request.method} {request.url.path}: {exc.detail}",
+            "detail": f"{request.method} {request.url.path[:MAX_PATH]}: {exc.detail}",
             "code": code,
         }
         return Response(
@@ -79,5 +89,6 @@ def install(app: FastAPI) -> None:
         )
 
     app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(ClientGone, client_gone)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)

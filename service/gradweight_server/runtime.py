@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
+from gradweight.errors import DeviceOutOfMemory
 from gradweight.methods import Munba
 
 from .admission import Admission
@@ -69,6 +70,22 @@ class Runtime:
         warm_up()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    async def compute(self, job: Callable[[], T]) -> T:
+        """Run `job` on the compute thread while holding a compute slot; running out of memory there
+        answers 503 device-out-of-memory and leaves the server up."""
+        async with self.admission.compute_slot(self.settings.body_timeout_s):
+            return await self.in_worker(lambda: self._out_of_memory_mapped(job))
+
+    def _out_of_memory_mapped(self, job: Callable[[], T]) -> T:
+        try:
+            return job()
+        except torch.OutOfMemoryError:
+            if self.device is not None and self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise DeviceOutOfMemory("the device ran out of memory for this request") from None
+        except MemoryError:
+            raise DeviceOutOfMemory("the server ran out of memory for this request") from None
 
     async def in_worker(self, fn: Callable[[], T]) -> T:
         """Run blocking work off the event loop on the one compute thread.

@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     max_tensors: int = Field(65_536, gt=0, description="Most tensors in one request, all groups together.")
     max_concurrency: int = Field(2, gt=0, description="Most combine/weights requests in flight at once.")
     max_inflight_bytes: int = Field(
-        4 * GiB, gt=0, description="Most request-body bytes held at once over all requests."
+        4 * GiB, gt=0, description="Most bytes held at once over all requests: bodies, replies, temporaries."
     )
     json_max_elements: int = Field(
         65_536, ge=0, description="Largest result returned as a JSON list; `scaled_grad` is null beyond."
@@ -41,13 +41,34 @@ class Settings(BaseSettings):
         description="Idle request and reply buffers kept for same-size requests (0 disables).",
     )
     body_timeout_s: float = Field(
-        60.0, gt=0, description="A body that sends no byte for this long is dropped and its slot freed."
+        60.0, gt=0, description="A body that sends no byte for this long is dropped and its bytes freed."
     )
     body_min_rate: int = Field(
-        65_536,
+        1 * MiB,
         ge=1,
-        description="Bytes/s a body must average over each body_timeout_s window (trickling is dropped).",
+        description="A body must arrive within body_timeout_s plus its size at this many bytes/s.",
     )
+    send_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="A reply must be taken within this plus its size at send_min_rate, or dropped.",
+    )
+    send_min_rate: int = Field(1 * MiB, ge=1, description="Bytes/s a client must read a reply at, at least.")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="A connection must send a whole header block within this (408/close)."
+    )
+    max_http_header_bytes: int = Field(64 * 1024, gt=0, description="Largest HTTP header block; beyond, 431.")
+    max_http_headers: int = Field(100, gt=0, description="Most HTTP headers in one request; beyond, 431.")
+    max_connections: int = Field(
+        1024, gt=0, description="Most open connections; past it the oldest idle one is closed."
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=lambda: ["*"], description="Host header values served (`*` any); others get 400."
+    )
+    allowed_origins: list[str] = Field(
+        default_factory=list, description="Origins whose cross-site requests are served; others get 403."
+    )
+    docs_public: bool = Field(False, description="Serve /docs, /redoc, /openapi.json without the token.")
     shutdown_timeout_s: int = Field(
         30, ge=0, description="On SIGTERM, in-flight requests get this long before connections are closed."
     )
@@ -57,8 +78,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        if self.max_body_bytes > self.max_inflight_bytes:
-            raise ValueError("max_body_bytes must not exceed max_inflight_bytes")
+        if self.max_body_bytes * 3 // 2 > self.max_inflight_bytes:
+            raise ValueError(
+                "max_inflight_bytes must be at least 1.5 x max_body_bytes (a body and its reply, at once)"
+            )
         return self
 
     def limits(self) -> dict[str, Any]:

@@ -88,6 +88,15 @@ def check_answer(
         assert abs(got_w[g] - w) <= 1e-6 * max(1.0, abs(w)), (got_w, weights)
 
 
+def served(url: str, seed: int = 0, numel: int = 5000, spec: Mapping[str, Any] | None = None) -> None:
+    """One combine of fresh random groups, answered 200 and correctly."""
+    spec = spec or {"name": "munba"}
+    groups = make_groups(seed, numel)
+    resp = httpx.post(url + "/v1/combine", content=body_of(groups, spec), headers=OCTET, timeout=60)
+    assert resp.status_code == 200, resp.text[:300]
+    check_answer(resp.content, spec, groups)
+
+
 def problem(resp: httpx.Response, statuses: Sequence[int] | None = None) -> dict[str, Any]:
     """A well-formed RFC 9457 problem that leaks nothing; optionally one of `statuses`."""
     assert resp.status_code >= 400, resp.status_code

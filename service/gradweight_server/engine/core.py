@@ -29,27 +29,32 @@ class Outcome:
     state: Any | None = None
 
 
-def order_groups(
-    spec: MethodSpec, groups: Mapping[str, Sequence[torch.Tensor]]
-) -> dict[str, Sequence[torch.Tensor]]:
-    """Groups in the method's gram order; checks the count and, for the pair methods, the names."""
-    n = len(groups)
+def group_order(spec: MethodSpec, names: Sequence[str]) -> list[str]:
+    """The group names in the method's gram order; checks the count and, for the pair methods, the names."""
+    n = len(names)
     if spec.group_names is not None:
-        unknown = sorted(set(groups) - set(spec.group_names))
-        missing = [g for g in spec.group_names if g not in groups]
+        unknown = sorted(set(names) - set(spec.group_names))
+        missing = [g for g in spec.group_names if g not in names]
         if unknown:
             raise InvalidGradients(
                 f"method {spec.name!r} takes groups {list(spec.group_names)}, got {unknown}"
             )
         if spec.min_groups >= len(spec.group_names) and missing:
             raise InvalidGradients(f"method {spec.name!r} needs group {missing[0]!r}")
-        if "forget" in spec.group_names and "forget" not in groups:
+        if "forget" in spec.group_names and "forget" not in names:
             raise InvalidGradients(f"method {spec.name!r} needs group 'forget'")
-        return {g: groups[g] for g in spec.group_names if g in groups}
+        return [g for g in spec.group_names if g in names]
     if n < spec.min_groups or (spec.max_groups is not None and n > spec.max_groups):
         most = spec.max_groups if spec.max_groups is not None else "any"
         raise InvalidGradients(f"method {spec.name!r} takes {spec.min_groups} to {most} groups, got {n}")
-    return dict(groups)
+    return list(names)
+
+
+def order_groups(
+    spec: MethodSpec, groups: Mapping[str, Sequence[torch.Tensor]]
+) -> dict[str, Sequence[torch.Tensor]]:
+    """Groups in the method's gram order (`group_order`)."""
+    return {g: groups[g] for g in group_order(spec, list(groups))}
 
 
 def run(

@@ -1,30 +1,30 @@
-"""POST /v1/combine: gradients in, the weighted combination out."""
+"""POST /v1/combine: gradients in, the weighted combination out (decode -> engine -> encode)."""
 
 from __future__ import annotations
 
 import json
-import time
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import torch
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
-from gradweight.errors import DeviceOutOfMemory
-from gradweight.methods import filled
-from starlette.background import BackgroundTask
+from gradweight.methods import MethodSpec
 
-from ..admission import Ticket
-from ..body import ClientGone, read_body
-from ..decode import assemble, parse_body, resolve_method
-from ..deps import admit_body, get_runtime
+from ..body import SMALL_TEXT, BodyKind
+from ..decode import parse_body, resolve_method
+from ..deps import Body, get_record, get_runtime, read_body_of
 from ..encode import json_reply, plan_octet, reply_metadata
 from ..engine import run
 from ..openapi import COMBINE_OPENAPI
+from ..record import RequestRecord
 from ..runtime import Runtime
+from ..views import Assembled, assemble
 
 router = APIRouter(prefix="/v1", tags=["combine"])
 
 OutDtype = Literal["float16", "bfloat16", "float32", "float64"]
+JSON_TEXT_HELD = 32  # bytes of Python objects per byte of JSON text, at worst (see body.HELD_PER_JSON_BYTE)
 
 
 def wants_json(accept: str) -> bool:
@@ -45,6 +45,26 @@ def wants_json(accept: str) -> bool:
     return j > 0 and j > o
 
 
+@dataclass(frozen=True)
+class CombineQuery:
+    method: str | None
+    layout: Literal["flat", "params"]
+    dtype: torch.dtype | None
+    as_json: bool
+
+
+def combine_query(
+    request: Request,
+    method: Annotated[str | None, Query(description='Shorthand for {"name": method}')] = None,
+    layout: Annotated[
+        Literal["flat", "params"], Query(description="One flat vector or one tensor per key")
+    ] = "flat",
+    dtype: Annotated[OutDtype | None, Query(description="The result's dtype (default: the inputs')")] = None,
+) -> CombineQuery:
+    as_json = wants_json(request.headers.get("accept", ""))
+    return CombineQuery(method, layout, getattr(torch, dtype) if dtype else None, as_json)
+
+
 @router.post(
     "/combine",
     summary="Combine forget/retain (or any groups') gradients with a method's weights",
@@ -53,138 +73,122 @@ def wants_json(accept: str) -> bool:
 )
 async def combine(
     request: Request,
-    ticket: Annotated[Ticket, Depends(admit_body)],
-    method: Annotated[str | None, Query(description='Shorthand for {"name": method}')] = None,
-    layout: Annotated[
-        Literal["flat", "params"], Query(description="One flat vector or one tensor per key")
-    ] = "flat",
-    dtype: Annotated[OutDtype | None, Query(description="The result's dtype (default: the inputs')")] = None,
+    body: Annotated[Body, Depends(read_body_of(frozenset(BodyKind)))],
+    query: Annotated[CombineQuery, Depends(combine_query)],
+    record: Annotated[RequestRecord, Depends(get_record)],
 ) -> Response:
     runtime = get_runtime(request)
-    ctx: dict[str, Any] = request.scope["gw"]
-    try:
-        buf = await read_body(
-            request, ticket, runtime.pool, runtime.settings.body_timeout_s, runtime.settings.body_min_rate
-        )
-    except ClientGone:
-        ctx["error"] = "client-disconnected"
-        return Response(status_code=499)
-    as_json = wants_json(request.headers.get("accept", ""))
-    out_dtype = getattr(torch, dtype) if dtype else None
+    content, media = await runtime.compute(lambda: _combine(runtime, body, query, record))
+    return Response(content, media_type=media)
 
-    def job() -> tuple[bytes | memoryview, str]:
-        try:
-            return _combine(runtime, ticket, buf, method, layout, out_dtype, as_json, ctx)
-        except torch.OutOfMemoryError:
-            if runtime.device is not None and runtime.device.type == "cuda":
-                torch.cuda.empty_cache()
-            raise DeviceOutOfMemory("the device ran out of memory for this request") from None
-        except MemoryError:
-            raise DeviceOutOfMemory("the server ran out of memory for this request") from None
 
-    try:
-        body, media = await runtime.in_worker(job)
-    finally:
-        if ticket.declared is not None:
-            runtime.pool.give(buf)
-    if isinstance(body, memoryview) and isinstance(body.obj, bytearray):
-        return Response(body, media_type=media, background=BackgroundTask(runtime.pool.give, body.obj))
-    return Response(body, media_type=media)
+@dataclass
+class _Step:
+    """A decoded request, ready for the engine."""
+
+    spec: MethodSpec
+    data: Assembled
+    state: Any
+    dtype: torch.dtype
 
 
 def _combine(
-    runtime: Runtime,
-    ticket: Ticket,
-    buf: bytearray,
-    query_method: str | None,
-    layout: str,
-    out_dtype: torch.dtype | None,
-    as_json: bool,
-    ctx: dict[str, Any],
+    runtime: Runtime, body: Body, query: CombineQuery, record: RequestRecord
 ) -> tuple[bytes | memoryview, str]:
-    settings = runtime.settings
-    device = runtime.device
-    assert device is not None
-    t0 = time.perf_counter()
-    parsed = parse_body(
-        ticket.kind,
-        ticket.content_type,
-        buf,
-        max_header=settings.max_header_bytes,
-        max_tensors=settings.max_tensors,
-    )
-    spec = resolve_method(parsed.method, query_method)
-    ctx["method"] = spec.name
-    state = parsed.state if spec.stateful else None
-    data = assemble(parsed, device)
-    dtype = out_dtype or data.dtype
-    spec_dict = filled(spec)
-    t1 = time.perf_counter()
-    if as_json:
-        outcome = run(spec, data.groups, keys=data.keys, out_dtype=dtype, state=state)
-        _sync(device)
-        t2 = time.perf_counter()
-        timing = _timing(t1 - t0, t2 - t1, time.perf_counter() - t2)
-        doc = json_reply(
-            method=spec_dict,
-            weights=outcome.weights,
-            gram=outcome.gram,
-            flat=outcome.flat,
-            device=str(device),
-            timing=timing,
-            state=outcome.state,
-            max_elements=settings.json_max_elements,
+    """Decode, run, encode; the reservation follows what is held: body, parse temporaries, then the reply."""
+    step = _decode(runtime, body, query, record)
+    if query.as_json:
+        return _json(runtime, body, step, record), "application/json"
+    return _octet(runtime, body, step, query, record), "application/octet-stream"
+
+
+def _decode(runtime: Runtime, body: Body, query: CombineQuery, record: RequestRecord) -> _Step:
+    settings, reservation = runtime.settings, record.reservation
+    assert runtime.device is not None
+    assert reservation is not None
+    size = len(body.buffer)
+    text = 0
+
+    def hold(nbytes: int) -> None:
+        nonlocal text
+        text += nbytes
+        reservation.resize(max(reservation.nbytes, size + JSON_TEXT_HELD * max(0, text - SMALL_TEXT)))
+
+    with record.stage("decode"):
+        parsed = parse_body(
+            body.info,
+            body.buffer,
+            max_header=settings.max_header_bytes,
+            max_tensors=settings.max_tensors,
+            hold=hold,
         )
-        _observe(runtime, ctx, spec.name, timing)
-        return json.dumps(doc, separators=(",", ":")).encode(), "application/json"
-    plan = plan_octet(
-        data.keys,
-        data.shapes,
-        data.numel,
-        dtype,
-        layout=layout,
-        n_groups=len(data.groups),
-        spec_json=json.dumps(spec_dict),
-        state_chars=len(json.dumps(state)) if spec.stateful else None,
-        alloc=runtime.pool.take,
-    )
-    t_plan = time.perf_counter()
-    out = plan.out(dtype, data.numel) if device.type == "cpu" else None
-    try:
-        outcome = run(spec, data.groups, keys=data.keys, out=out, out_dtype=dtype, state=state)
+        spec = resolve_method(parsed.method, query.method)
+        record.method = spec.name
+        data = assemble(parsed, runtime.device)
+    return _Step(spec, data, parsed.state if spec.stateful else None, query.dtype or data.dtype)
+
+
+def _json(runtime: Runtime, body: Body, step: _Step, record: RequestRecord) -> bytes:
+    device, data = runtime.device, step.data
+    assert device is not None
+    assert record.reservation is not None
+    # The body, the float64 tensors parsed from a JSON body, and the result.
+    parsed = data.numel * len(data.groups) * 8 if body.info.kind is BodyKind.JSON else 0
+    record.reservation.resize(len(body.buffer) + parsed + data.numel * step.dtype.itemsize)
+    with record.stage("compute"):
+        outcome = run(step.spec, data.groups, keys=data.keys, out_dtype=step.dtype, state=step.state)
         _sync(device)
-    except BaseException:
-        del out
-        runtime.pool.give(plan.buffer)
-        raise
-    t2 = time.perf_counter()
-    if out is None:
-        plan.out(dtype, data.numel).copy_(outcome.flat)
-    del data, parsed
-    timing = _timing(t1 - t0, t2 - t_plan, time.perf_counter() - t2 + t_plan - t1)
-    meta = reply_metadata(spec_dict, outcome.weights, outcome.gram, str(device), timing, outcome.state)
-    _observe(runtime, ctx, spec.name, timing)
+    doc = json_reply(
+        method=step.spec.model_dump(mode="json"),
+        weights=outcome.weights,
+        gram=outcome.gram,
+        flat=outcome.flat,
+        device=str(device),
+        timing=record.timing(),
+        state=outcome.state,
+        max_elements=runtime.settings.json_max_elements,
+    )
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _octet(
+    runtime: Runtime, body: Body, step: _Step, query: CombineQuery, record: RequestRecord
+) -> memoryview:
+    """The result computed straight into the leased reply buffer (on CPU), then the header written."""
+    device, data, dtype = runtime.device, step.data, step.dtype
+    assert device is not None
+    assert record.reservation is not None
+    spec_dict = step.spec.model_dump(mode="json")
+    with record.stage("encode"):
+        plan = plan_octet(
+            data.keys,
+            data.shapes,
+            data.numel,
+            dtype,
+            layout=query.layout,
+            n_groups=len(data.groups),
+            spec_json=json.dumps(spec_dict),
+            state_chars=len(json.dumps(step.state)) if step.spec.stateful else None,
+            lease=lambda n: record.hold(runtime.pool.lease(n)),
+        )
+    record.reservation.resize(len(body.buffer) + len(plan.buffer))
+    out = plan.out(dtype, data.numel) if device.type == "cpu" else None
+    with record.stage("compute"):
+        outcome = run(step.spec, data.groups, keys=data.keys, out=out, out_dtype=dtype, state=step.state)
+        _sync(device)
+    with record.stage("encode"):
+        if out is None:
+            plan.out(dtype, data.numel).copy_(outcome.flat)
+    del step.data, data, out
+    body.lease.close()  # the views of the body are gone: its buffer can serve the next request
+    meta = reply_metadata(
+        spec_dict, outcome.weights, outcome.gram, str(device), record.timing(), outcome.state
+    )
     reply = plan.finish(meta)
-    if reply.obj is not plan.buffer:
-        runtime.pool.give(plan.buffer)
-    return reply, "application/octet-stream"
+    record.reservation.resize(len(reply))
+    return reply
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _timing(decode_s: float, compute_s: float, encode_s: float) -> dict[str, float]:
-    """Stage durations; allocating and writing the reply buffer counts as encoding."""
-    return {
-        "decode_ms": round(decode_s * 1000, 3),
-        "compute_ms": round(compute_s * 1000, 3),
-        "encode_ms": round(encode_s * 1000, 3),
-    }
-
-
-def _observe(runtime: Runtime, ctx: dict[str, Any], method: str, timing: dict[str, float]) -> None:
-    ctx.update(timing)
-    for stage in ("decode", "compute", "encode"):
-        runtime.metrics.stage_seconds.labels(stage, method).observe(timing[f"{stage}_ms"] / 1000)

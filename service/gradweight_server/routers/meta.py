@@ -1,4 +1,4 @@
-"""Discovery and operations: /v1/methods, /v1/info, /healthz, /readyz, /metrics."""
+"""Discovery: /v1/methods and /v1/info (behind the token when one is set)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,11 @@ from typing import Any
 
 import torch
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response
-from gradweight.errors import NotReady
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..deps import get_runtime, require_token
 from ..engine.methods import REGISTRY, availability
 
-router = APIRouter()
+router = APIRouter(prefix="/v1", tags=["meta"], dependencies=[Depends(require_token)])
 
 
 def _version() -> str:
@@ -24,7 +21,8 @@ def _version() -> str:
         return "unknown"
 
 
-@router.get("/v1/methods", tags=["meta"], dependencies=[Depends(require_token)])
+@router.get("/methods")
+@router.head("/methods", include_in_schema=False)
 async def methods() -> list[dict[str, Any]]:
     """Every method with its options as JSON Schema, so clients can validate before sending."""
     out = []
@@ -51,7 +49,8 @@ async def methods() -> list[dict[str, Any]]:
     return out
 
 
-@router.get("/v1/info", tags=["meta"], dependencies=[Depends(require_token)])
+@router.get("/info")
+@router.head("/info", include_in_schema=False)
 async def info(request: Request) -> dict[str, Any]:
     runtime = get_runtime(request)
     device = runtime.device
@@ -70,24 +69,3 @@ async def info(request: Request) -> dict[str, Any]:
             "allocated": torch.cuda.memory_allocated(device),
         }
     return doc
-
-
-@router.get("/healthz", tags=["ops"])
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
-
-
-@router.get("/readyz", tags=["ops"])
-async def readyz(request: Request) -> dict[str, str]:
-    runtime = get_runtime(request)
-    if not runtime.ready:
-        raise NotReady("the device is still warming up", retry_after=runtime.settings.retry_after_s)
-    return {"status": "ready", "device": str(runtime.device)}
-
-
-@router.get("/metrics", tags=["ops"], response_class=Response)
-async def metrics(request: Request) -> Response:
-    runtime = get_runtime(request)
-    adm = runtime.admission
-    body = runtime.metrics.render(runtime.device, adm.requests, adm.bytes)
-    return Response(body, media_type=CONTENT_TYPE_LATEST)
