@@ -30,6 +30,11 @@ $(VENV)/.test: $(VENV)/.serve
 	@echo "Installing the test tools and vision-unlearning (without its dependencies) into $(VENV) ..."
 	$(PIP) $(TEST_REQS)
 	$(PIP) --no-deps $(NODEPS_TEST_REQS)
+	@# nginx for tests/scaleout/test_nginx.py: Debian's package where we may install it (CI runs as root)
+	@if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx; \
+	  else echo "nginx missing (needs root and apt-get): tests/scaleout/test_nginx.py will skip"; fi; fi
 	touch $@
 
 serve: $(VENV)/.serve

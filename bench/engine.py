@@ -3,8 +3,13 @@
 For 1M, 10M and 50M float32 parameters per group (about 100 tensors per group) it prints the median time
 of repeated runs after a warm-up and the peak extra memory (RSS high-water mark over the inputs, measured
 in a fresh subprocess per case), with ratios against ours. `--plot out.png` also draws the table.
+Then, per size, the precision and determinism checks: each gram entry's error relative to
+sqrt(K_ii K_jj) against the gram computed in float64 from the same values (ours, and per-tensor float32
+dot products for comparison), and whether the gram and the combined gradient are the same bytes at 1 and
+2 threads and in a worker thread.
 
     .venv/bin/python bench/engine.py [--sizes 1e6 1e7 5e7] [--repeat 7] [--device cpu|cuda] [--plot f.png]
+                                     [--no-checks]
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -102,6 +108,64 @@ def measure(name: str, numel: int, n_tensors: int, repeat: int, device: str) -> 
     }
 
 
+def gram_errors(forget: list[torch.Tensor], retain: list[torch.Tensor]) -> tuple[float, float]:
+    """Worst entry error relative to sqrt(K_ii K_jj) of ours and of per-tensor float32 dots, against
+    the gram summed in float64 (math.fsum over per-tensor float64 dot products)."""
+    from gradweight_server.engine.passes import gram
+
+    groups = [retain, forget]
+    ref = [[0.0, 0.0], [0.0, 0.0]]
+    f32 = [[0.0, 0.0], [0.0, 0.0]]
+    for i in range(2):
+        for j in range(2):
+            pairs = list(zip(groups[i], groups[j]))
+            ref[i][j] = math.fsum(float(torch.dot(a.double(), b.double())) for a, b in pairs)
+            f32[i][j] = math.fsum(float(torch.dot(a, b)) for a, b in pairs)
+    ours = gram(groups)[0].tolist()
+
+    def worst(k: list[list[float]]) -> float:
+        return max(
+            abs(k[i][j] - ref[i][j]) / math.sqrt(ref[i][i] * ref[j][j]) for i in range(2) for j in range(2)
+        )
+
+    return worst(ours), worst(f32)
+
+
+def same_bytes(forget: list[torch.Tensor], retain: list[torch.Tensor]) -> bool:
+    """The munba step at 1 thread, at 2 threads and in a worker thread: identical gram, weights, output."""
+    from gradweight.methods import Munba
+    from gradweight_server.engine import run
+
+    def step() -> tuple[Any, ...]:
+        out = run(Munba(), {"retain": retain, "forget": forget})
+        return out.gram, out.weights, out.flat.numpy().tobytes()
+
+    before = torch.get_num_threads()
+    results = []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        results.append(step())
+    box: list[Any] = []
+    worker = threading.Thread(target=lambda: box.append(step()))
+    worker.start()
+    worker.join()
+    torch.set_num_threads(before)
+    return all(r == results[0] for r in [*results[1:], *box])
+
+
+def checks(sizes: list[float], n_tensors: int, device: str) -> None:
+    header = (
+        f"{'params/group':>12} {'gram err ours':>14} {'f32 dots':>9} {'same bytes 1/2 threads, worker':>31}"
+    )
+    print(f"\n{header}")
+    for size in sizes:
+        forget, retain = make_lists(int(size), n_tensors, device)
+        ours, f32 = gram_errors(forget, retain)
+        same = same_bytes(forget, retain) if device == "cpu" else "n/a (cpu only)"
+        print(f"{int(size):>12,} {ours:>14.1e} {f32:>9.1e} {same!s:>31}")
+        del forget, retain
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7, 5e7])
@@ -110,6 +174,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     ap.add_argument("--plot", help="write a PNG of the timings (needs matplotlib)")
+    ap.add_argument("--no-checks", action="store_true", help="skip the precision and determinism checks")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.case:
@@ -158,6 +223,8 @@ def main() -> None:
                 f"{row['numel']:>12,} {name:>15} {r['ms']:>9.1f} {r['ms'] / ours:>7.2f} "
                 f"{r['peak_mb']:>9.1f} {r['peak_mb'] / r['out_mb']:>8.2f}"
             )
+    if not args.no_checks:
+        checks(args.sizes, args.tensors, args.device)
     if args.plot:
         import matplotlib
 

@@ -4,6 +4,7 @@
 the exception hierarchy are shared with the server. torch is optional and imported only when used.
 """
 
+from . import distributed
 from .client import AsyncClient, Client, MethodLike, __version__
 from .errors import (
     RETRYABLE,
@@ -125,6 +126,7 @@ __all__ = [
     "WeightsResult",
     "__version__",
     "apply_grads",
+    "distributed",
     "parse_method",
 ]
 

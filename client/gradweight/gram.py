@@ -1,14 +1,17 @@
 """Gram mode: the trainer computes K = G Gᵀ itself and sends only k x k numbers.
 
-Each tensor is walked in slices that are converted to float64 into k reused scratch buffers (cache-sized,
-so there are no fresh allocations to page in), and every pair's dot product is accumulated in float64:
-exact to float64 rounding whatever the gradients' dtype, without concatenating the model's gradients.
+The gram uses the server's scheme (`lanes_for` is the one schedule both import), so gram mode and full mode
+get the same gram: the groups are streamed, key after key, into a k x lanes float64 scratch (exact
+widening, no concatenation), lane l of accumulator (i, j) adds x_i[l] x_j[l] chunk after chunk, and the
+lanes are folded pairwise at the end. Every product and sum is float64 and each is one IEEE operation per
+element, so on the host (single-threaded numpy) the bytes equal the server's CPU gram whatever either side's
+threads, and every entry is within about 1e-14 of exact relative to sqrt(K_ii K_jj).
 The weighted sum is formed locally, on the gradients' own device, straight into the output.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,9 +19,22 @@ import numpy as np
 from .tensors import Group, dtype_name, is_torch, torch_or_none
 from .types import Array
 
-SLICE = 1 << 16  # host: 512 KiB of float64 per group, cache-sized and below every library's threading cutoff
-DEVICE_SLICE = 1 << 22
+CPU_LANES = 1 << 14  # k = 2: the copies stay below torch's 32768-element parallel grain
+CUDA_LANES = 1 << 20
+CPU_SCRATCH = 1 << 19
+CUDA_SCRATCH = 1 << 22
+MIN_LANES = 1 << 8
 NUMPY_FLOATS = ("float16", "float32", "float64")
+
+
+def lanes_for(k: int, numel: int, cuda: bool = False) -> int:
+    """The lane count of the blocked gram: a power of two fixed by k, the size and the device only (never
+    by threads). The float64 scratch (k values and k(k+1)/2 accumulators per lane) stays within a few MiB
+    and within about 6 percent of one float32 group."""
+    per_lane = k + k * (k + 1) // 2
+    cap = min(CUDA_LANES if cuda else CPU_LANES, (CUDA_SCRATCH if cuda else CPU_SCRATCH) // per_lane)
+    target = min(cap, max(MIN_LANES, numel // (32 * per_lane)))
+    return 1 << max(0, target.bit_length() - 1)
 
 
 def _check(groups: Sequence[Group]) -> None:
@@ -35,33 +51,122 @@ def _on_device(a: Array) -> bool:
     return is_torch(a) and a.device.type != "cpu"
 
 
-def gram(groups: Sequence[Group]) -> list[list[float]]:
-    """K[i][j] = <flat(group i), flat(group j)>, accumulated in float64; groups share keys and shapes.
+class NumpyLanes:
+    """Host arithmetic for `lanes_gram`: single-threaded numpy (bfloat16 tensors widened by torch)."""
 
-    On the host the work is single-threaded numpy on small slices: trainers' CPUs are busy, and torch's
-    or BLAS's thread pools on many small dots under contention cost far more than they save."""
-    _check(groups)
-    if _on_device(groups[0].arrays[0]):
-        return _gram_device(groups)
-    k = len(groups)
-    acc = np.zeros((k, k), dtype=np.float64)
-    scratch = [np.empty(SLICE, dtype=np.float64) for _ in range(k)]
-    torch = torch_or_none()
-    as_torch = [torch.from_numpy(s) for s in scratch] if torch is not None else []
-    for t in range(len(groups[0].arrays)):
-        flats = [_host_flat(g.arrays[t]) for g in groups]
+    def __init__(self, lanes: int) -> None:
+        self.lanes = lanes
+
+    def new(self, rows: int) -> Any:
+        return np.zeros((rows, self.lanes), dtype=np.float64)
+
+    def put(self, dst: Any, src: Array) -> None:
+        if isinstance(src, np.ndarray):
+            np.copyto(dst, src, casting="unsafe")
+        else:  # a bfloat16 CPU tensor: torch converts
+            torch = torch_or_none()
+            assert torch is not None
+            torch.from_numpy(dst).copy_(src)
+
+    def muladd(self, acc: Any, x: Any, xs: Any, prod: Any) -> None:
+        np.multiply(x, xs, out=prod)
+        np.add(acc, prod, out=acc)
+
+    def add(self, acc: Any, other: Any) -> None:
+        np.add(acc, other, out=acc)
+
+
+class TorchLanes:
+    """Device (or server) arithmetic for `lanes_gram`: torch elementwise operations, each one IEEE
+    operation per element, so how torch splits them across threads changes no bit."""
+
+    def __init__(self, lanes: int, device: Any, exact_products: bool) -> None:
+        self.lanes, self.device, self.exact_products = lanes, device, exact_products
+
+    def new(self, rows: int) -> Any:
+        torch = torch_or_none()
+        assert torch is not None
+        return torch.zeros((rows, self.lanes), dtype=torch.float64, device=self.device)
+
+    def put(self, dst: Any, src: Any) -> None:
+        dst.copy_(src)
+
+    def muladd(self, acc: Any, x: Any, xs: Any, prod: Any) -> None:
+        if self.exact_products:  # x * xs is exact in float64: one rounding, fused or not
+            acc.addcmul_(x, xs)
+        else:  # a float64 product rounds: multiply, then add, never fused
+            torch = torch_or_none()
+            assert torch is not None
+            torch.mul(x, xs, out=prod)
+            acc.add_(prod)
+
+    def add(self, acc: Any, other: Any) -> None:
+        acc.add_(other)
+
+
+def lanes_gram(keys: Iterable[Sequence[Any]], k: int, ops: NumpyLanes | TorchLanes) -> list[float]:
+    """The upper triangle (row by row) of the gram of k flat arrays per key, by the lane scheme above."""
+    lanes = ops.lanes
+    x, acc, prod = ops.new(k), ops.new(k * (k + 1) // 2), ops.new(k)
+    starts = [i * k - i * (i - 1) // 2 for i in range(k)]
+
+    def accumulate(m: int) -> None:
+        for i in range(k):
+            ops.muladd(acc[starts[i] : starts[i] + k - i, :m], x[i : i + 1, :m], x[i:, :m], prod[: k - i, :m])
+
+    fill = 0
+    for flats in keys:
         n = int(flats[0].shape[0])
-        for lo in range(0, n, SLICE):
-            m = min(SLICE, n - lo)
-            for i, x in enumerate(flats):
-                if isinstance(x, np.ndarray):
-                    np.copyto(scratch[i][:m], x[lo : lo + m], casting="unsafe")
-                else:  # a bfloat16 CPU tensor: torch converts
-                    as_torch[i][:m].copy_(x[lo : lo + m])
-            for i in range(k):
-                for j in range(i, k):
-                    acc[i, j] += np.einsum("i,i->", scratch[i][:m], scratch[j][:m])
-    return _symmetric(acc.tolist())
+        s = 0
+        while s < n:
+            take = min(lanes - fill, n - s)
+            for i, f in enumerate(flats):
+                ops.put(x[i, fill : fill + take], f[s : s + take])
+            fill += take
+            s += take
+            if fill == lanes:
+                accumulate(lanes)
+                fill = 0
+    if fill:
+        accumulate(fill)
+    width = lanes
+    while width > 1:
+        half = width // 2
+        ops.add(acc[:, :half], acc[:, half:width])
+        width = half
+    upper: list[float] = acc[:, 0].tolist()
+    return upper
+
+
+def gram(groups: Sequence[Group]) -> list[list[float]]:
+    """K[i][j] = <flat(group i), flat(group j)>, exact to float64 rounding; groups share keys and shapes.
+
+    On the host the work is single-threaded numpy on cache-sized lanes: trainers' CPUs are busy, and
+    thread pools on many small operations under contention cost far more than they save."""
+    _check(groups)
+    k = len(groups)
+    numel = int(groups[0].numel)
+    keys = range(len(groups[0].arrays))
+    a0 = groups[0].arrays[0]
+    if not _on_device(a0):
+        host = (tuple(_host_flat(g.arrays[t]) for g in groups) for t in keys)
+        return _from_upper(lanes_gram(host, k, NumpyLanes(lanes_for(k, numel))), k)
+    torch = torch_or_none()
+    assert torch is not None
+    ops = TorchLanes(lanes_for(k, numel, cuda=True), a0.device, exact_products=a0.dtype != torch.float64)
+    with torch.no_grad():
+        device = (tuple(g.arrays[t].detach().reshape(-1) for g in groups) for t in keys)
+        return _from_upper(lanes_gram(device, k, ops), k)
+
+
+def _from_upper(upper: list[float], k: int) -> list[list[float]]:
+    rows = [[0.0] * k for _ in range(k)]
+    n = 0
+    for i in range(k):
+        for j in range(i, k):
+            rows[i][j] = rows[j][i] = upper[n]
+            n += 1
+    return rows
 
 
 def _host_flat(a: Array) -> Array:
@@ -70,37 +175,6 @@ def _host_flat(a: Array) -> Array:
         return a.reshape(-1)
     flat = a.detach().reshape(-1)
     return flat if dtype_name(flat) not in NUMPY_FLOATS else flat.numpy()
-
-
-def _gram_device(groups: Sequence[Group]) -> list[list[float]]:
-    """The same on the gradients' GPU, in larger slices, with one synchronisation at the end."""
-    torch = torch_or_none()
-    assert torch is not None
-    k = len(groups)
-    device = groups[0].arrays[0].device
-    acc = torch.zeros((k, k), dtype=torch.float64, device=device)
-    scratch = [torch.empty(DEVICE_SLICE, dtype=torch.float64, device=device) for _ in range(k)]
-    with torch.no_grad():
-        for t in range(len(groups[0].arrays)):
-            flats = [g.arrays[t].detach().reshape(-1) for g in groups]
-            n = flats[0].numel()
-            for lo in range(0, n, DEVICE_SLICE):
-                m = min(DEVICE_SLICE, n - lo)
-                views = [s[:m] for s in scratch]
-                for v, x in zip(views, flats, strict=True):
-                    v.copy_(x[lo : lo + m])
-                for i in range(k):
-                    for j in range(i, k):
-                        acc[i, j] += torch.dot(views[i], views[j])
-    rows: list[list[float]] = acc.cpu().tolist()
-    return rows
-
-
-def _symmetric(rows: list[list[float]]) -> list[list[float]]:
-    for i in range(len(rows)):
-        for j in range(i):
-            rows[i][j] = rows[j][i]
-    return rows
 
 
 def combine(

@@ -15,7 +15,7 @@ def _groups(rng: np.random.Generator, k: int, dtype: type = np.float32) -> list[
 
 
 def test_gram_matches_float64_reference(rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(G, "SLICE", 4)  # exercise slicing on small inputs
+    monkeypatch.setattr(G, "lanes_for", lambda k, numel, cuda=False: 4)  # exercise chunks on small inputs
     raw = _groups(rng, 3)
     flat = np.stack([np.concatenate([a.reshape(-1) for a in g]).astype(np.float64) for g in raw])
     want = flat @ flat.T
@@ -68,7 +68,7 @@ def test_local_combine_half_and_dtype(rng: np.random.Generator) -> None:
 
 
 def test_gram_and_combine_bfloat16(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(G, "SLICE", 8)
+    monkeypatch.setattr(G, "lanes_for", lambda k, numel, cuda=False: 8)
     a = [torch.randn(5, 7).bfloat16(), torch.randn(3).bfloat16()]
     b = [torch.randn(5, 7).bfloat16(), torch.randn(3).bfloat16()]
     groups = [as_group(a, "a"), as_group(b, "b")]

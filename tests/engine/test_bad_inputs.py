@@ -61,9 +61,10 @@ def test_result_overflow_is_degenerate_not_inf() -> None:
 
 
 def test_gram_overflow_is_degenerate() -> None:
-    big = torch.full((64,), 1e30)
+    """float32 squares cannot overflow the float64 gram; float64 ones beyond 1e154 do."""
+    big = torch.full((64,), 1e160, dtype=torch.float64)
     with pytest.raises(Degenerate, match="overflow"):
-        run(Nash(), {"retain": [big], "forget": [-big.flip(0) + 1e29]})
+        run(Nash(), {"retain": [big], "forget": [-big.flip(0) + 1e159]})
 
 
 def test_nan_weight_never_returned() -> None:

@@ -122,7 +122,7 @@ def _raise_non_finite(
 ) -> None:
     for row, key in enumerate(keys):
         for col, (name, tensors) in enumerate(groups.items()):
-            if not bool(torch.isfinite(diag[row, col])) and has_non_finite(tensors[row]):
+            if not bool(torch.isfinite(diag[col])) and has_non_finite(tensors[row]):
                 raise NonFinite(f"group {name!r} key {key!r} contains NaN or infinity")
     raise Degenerate("a gradient's squared norm overflows its accumulation dtype; scale the loss down")
 

@@ -1,8 +1,21 @@
 """The two memory-bound passes every method shares: the gram and the combine.
 
-Neither concatenates nor stacks the gradient lists: the gram is summed from per-tensor dot products
-(float32 or wider, totals in float64) and the combine writes `sum_i w_i g_i` once into a preallocated flat
-output, block by block so that the second touch of each output block hits cache on CPU.
+Neither concatenates nor stacks the gradient lists, and both are exact to their rounding and deterministic:
+the same inputs give the same bytes whatever the thread count and whichever thread runs them. Both use only
+elementwise torch operations, each a single IEEE operation per element (a copy that widens, a product, a
+sum), so how torch splits them across threads cannot change a bit; no BLAS call and no torch reduction over
+a long tensor, whose partial sums follow the thread count, is on the path.
+
+The gram: the k groups are streamed, key after key, into a k x lanes float64 scratch (exact widening), and
+lane l of accumulator (i, j) adds x_i[l] x_j[l] for every chunk, a product exact in float64 for inputs up to
+float32. After the last chunk the lanes are folded pairwise. So every product and sum is float64, each lane
+sums numel / lanes terms in order, and each entry is within about (numel / lanes + log2 lanes) float64
+roundings of its exact value relative to sqrt(K_ii K_jj). The lane schedule is the client's
+(`gradweight.gram.lanes_for`), whose gram mode computes the same bytes with numpy.
+
+The combine writes `sum_i w_i g_i` once into the flat output, block by block, as round(w_0 g_0), then
+round(acc + round(w_i g_i)) for each further group: for two groups the seed's `fw * cat(f) + rw * cat(r)`
+bit for bit. Inputs narrower than float32 are summed in float32 and rounded once into the output.
 """
 
 from __future__ import annotations
@@ -11,13 +24,10 @@ import math
 from collections.abc import Sequence
 
 import torch
+from gradweight.gram import TorchLanes, lanes_for, lanes_gram
 
 CPU_BLOCK = 1 << 18
-CUDA_BLOCK = 1 << 26
-CUDA_SCRATCH = 1 << 24
-UPCAST_CHUNK = 1 << 20
-PAIRWISE_MAX_GROUPS = 4
-WIDE = (torch.float32, torch.float64)
+CUDA_BLOCK = 1 << 21  # also the size of the combine's scratch: 8 MiB of float32 on the GPU
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -30,41 +40,22 @@ def _triu(k: int) -> tuple[list[int], list[int]]:
 
 
 def gram(groups: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k x k gram (float64, CPU) of k groups of tensors, and each key's diagonal (keys x k).
+    """The k x k gram (float64, CPU) of k groups of tensors, and its diagonal (k,).
 
-    The per-key diagonal locates a non-finite value without another pass: a NaN or infinity anywhere in a
-    tensor makes its squared norm non-finite.
+    A NaN or infinity anywhere in a group makes its diagonal entry non-finite: the caller locates it.
     """
     k = len(groups)
+    first = groups[0]
+    device = first[0].device
+    lanes = lanes_for(k, sum(t.numel() for t in first), cuda=device.type == "cuda")
+    ops = TorchLanes(lanes, device, exact_products=first[0].dtype != torch.float64)
+    keys = ([_flat(t) for t in tensors] for tensors in zip(*groups, strict=True))
+    upper = torch.tensor(lanes_gram(keys, k, ops), dtype=torch.float64)
     rows, cols = _triu(k)
-    dtype = groups[0][0].dtype
-    pairwise = dtype in WIDE and k <= PAIRWISE_MAX_GROUPS
-    per_key: list[torch.Tensor] = []
-    for tensors in zip(*groups, strict=True):
-        flats = [_flat(t) for t in tensors]
-        if pairwise:
-            per_key.append(torch.stack([torch.dot(flats[i], flats[j]) for i, j in zip(rows, cols)]))
-        else:
-            per_key.append(_chunked_triu(flats, rows, cols))
-    totals = torch.stack(per_key).to(device="cpu", dtype=torch.float64)
-    upper = totals.sum(0)
     out = torch.zeros(k, k, dtype=torch.float64)
     out[rows, cols] = upper
     out[cols, rows] = upper
-    diag_idx = [n for n, (i, j) in enumerate(zip(rows, cols)) if i == j]
-    return out, totals[:, diag_idx]
-
-
-def _chunked_triu(flats: Sequence[torch.Tensor], rows: list[int], cols: list[int]) -> torch.Tensor:
-    """Upper triangle of one key's gram via k x chunk matmuls, upcast to at least float32."""
-    acc = torch.float64 if flats[0].dtype == torch.float64 else torch.float32
-    n = flats[0].numel()
-    chunk = max(1, UPCAST_CHUNK // len(flats))
-    total = torch.zeros(len(flats), len(flats), dtype=torch.float64, device=flats[0].device)
-    for s in range(0, n, chunk):
-        m = torch.stack([f[s : s + chunk] for f in flats]).to(acc)
-        total += (m @ m.T).to(torch.float64)
-    return total[rows, cols]
+    return out, out.diagonal().clone()
 
 
 def combine(
@@ -72,15 +63,17 @@ def combine(
 ) -> torch.Tensor:
     """Write `sum_i weights[i] * flat(groups[i])` into the flat `out` once and return it.
 
-    When `out` is narrower than float32 (or narrower than the inputs) each block is summed in float32 and
-    rounded once, so accumulation never drops below float32.
+    Summed in `out`'s dtype when that is float32 or wider and at least the inputs' width, else in float32
+    (or the inputs' dtype when wider) and rounded once into `out`.
     """
     in_dtype = groups[0][0].dtype
-    direct = out.dtype in WIDE and out.dtype.itemsize >= in_dtype.itemsize
+    work = torch.promote_types(torch.promote_types(in_dtype, out.dtype), torch.float32)
+    direct = work == out.dtype
     block = CUDA_BLOCK if out.device.type == "cuda" else CPU_BLOCK
-    largest = max(t.numel() for t in groups[0])
-    size = min(largest, CUDA_SCRATCH if out.device.type == "cuda" else block)
-    tmp = torch.empty(size if direct and len(groups) > 1 else 0, dtype=out.dtype, device=out.device)
+    numel = sum(t.numel() for t in groups[0])
+    size = min(block, numel)
+    tmp = torch.empty(size, dtype=work, device=out.device) if len(groups) > 1 else None
+    acc = None if direct else torch.empty(size, dtype=work, device=out.device)
     offset = 0
     for tensors in zip(*groups, strict=True):
         flats = [_flat(t) for t in tensors]
@@ -88,37 +81,37 @@ def combine(
         for s in range(0, n, block):
             e = min(n, s + block)
             o = out[offset + s : offset + e]
-            if direct:
-                _axpy_into(o, [f[s:e] for f in flats], weights, tmp)
-            else:
-                o.copy_(_axpy_wide([f[s:e] for f in flats], weights))
+            a = o if acc is None else acc[: e - s]
+            _weighted_sum_into(a, [f[s:e] for f in flats], weights, None if tmp is None else tmp[: e - s])
+            if acc is not None:
+                o.copy_(a)
         offset += n
     return out
 
 
-def _axpy_into(o: torch.Tensor, xs: Sequence[torch.Tensor], ws: Sequence[float], tmp: torch.Tensor) -> None:
-    """o = sum_i ws[i] * xs[i], each product rounded before it is added, as the seed's
-    `w_f * f + w_r * r` is: `add(alpha=)` fuses the multiply-add and can differ in the last bit."""
-    if ws[0] == 1.0:
-        o.copy_(xs[0])
-    else:
-        torch.mul(xs[0], ws[0], out=o)
-    n = o.numel()
+def _weighted_sum_into(
+    o: torch.Tensor, xs: Sequence[torch.Tensor], ws: Sequence[float], tmp: torch.Tensor | None
+) -> None:
+    """o = round(w_0 x_0), then o = round(o + round(w_i x_i)): the seed's rounding, in o's dtype."""
+    _scaled_into(o, xs[0], ws[0])
     for x, w in zip(xs[1:], ws[1:]):
-        if w == 1.0:
+        if w == 1.0 and x.dtype == o.dtype:
             o.add_(x)
             continue
-        for s in range(0, n, tmp.numel()):
-            e = min(n, s + tmp.numel())
-            o[s:e].add_(torch.mul(x[s:e], w, out=tmp[: e - s]))
+        assert tmp is not None
+        _scaled_into(tmp, x, w)
+        o.add_(tmp)
 
 
-def _axpy_wide(xs: Sequence[torch.Tensor], ws: Sequence[float]) -> torch.Tensor:
-    wide = torch.promote_types(xs[0].dtype, torch.float32)
-    acc = torch.mul(xs[0].to(wide), ws[0])
-    for x, w in zip(xs[1:], ws[1:]):
-        acc.add_(x.to(wide), alpha=w)
-    return acc
+def _scaled_into(o: torch.Tensor, x: torch.Tensor, w: float) -> None:
+    if x.dtype != o.dtype:
+        o.copy_(x)
+        if w != 1.0:
+            o.mul_(w)
+    elif w == 1.0:
+        o.copy_(x)
+    else:
+        torch.mul(x, w, out=o)
 
 
 def has_non_finite(t: torch.Tensor) -> bool:

@@ -11,11 +11,17 @@ from gradweight.methods import MethodSpec
 
 from .methods import solve
 
-PSD_TOL = 1e-9
+ROUNDING_TOL = 1e-6
 
 
 def check_gram(gram: Sequence[Sequence[float]] | torch.Tensor, k: int) -> torch.Tensor:
-    """The gram as float64; InvalidGradients unless finite, k x k, symmetric and PSD within rounding."""
+    """The gram as float64, symmetrised; InvalidGradients unless finite, k x k, symmetric and positive
+    semi-definite up to float32 rounding.
+
+    Both tolerances are relative to sqrt(K_ii K_jj), the scale of entry (i, j), so a gram that a trainer
+    (or torchjd's `compute_gramian`) formed in float32 passes and one with a real asymmetry or a clearly
+    negative direction does not; the detail gives the measured deviation.
+    """
     try:
         m = torch.as_tensor(gram, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError, OverflowError):
@@ -24,12 +30,36 @@ def check_gram(gram: Sequence[Sequence[float]] | torch.Tensor, k: int) -> torch.
         raise InvalidGradients(f"gram must be {k} x {k}, got shape {list(m.shape)}")
     if not bool(torch.isfinite(m).all()):
         raise InvalidGradients("gram has a non-finite entry")
-    scale = float(m.diagonal().abs().max()) if k else 0.0
-    if float((m - m.T).abs().max()) > PSD_TOL * max(scale, 1e-300):
-        raise InvalidGradients("gram is not symmetric")
-    if k and float(torch.linalg.eigvalsh(m).min()) < -PSD_TOL * max(scale, 1e-300):
-        raise InvalidGradients("gram is not positive semi-definite")
-    return (m + m.T) / 2
+    if k == 0:
+        return m
+    diag = m.diagonal()
+    if float(diag.min()) < 0.0:
+        i = int(diag.argmin())
+        raise InvalidGradients(f"gram is not positive semi-definite: K_{i}{i} = {float(diag[i]):.6g} < 0")
+    scale = torch.sqrt(torch.outer(diag, diag))
+    asym = (m - m.T).abs()
+    rel = torch.where(asym == 0.0, 0.0, asym / scale)
+    worst = float(rel.max())
+    if worst > ROUNDING_TOL:
+        raise InvalidGradients(
+            f"gram is not symmetric: max |K_ij - K_ji| / sqrt(K_ii K_jj) = {worst:.3g} "
+            f"(tolerance {ROUNDING_TOL:g})"
+        )
+    sym = (m + m.T) / 2
+    null = diag == 0.0
+    if bool((sym[null] != 0.0).any()):
+        i = int(null.nonzero()[0])
+        raise InvalidGradients(
+            f"gram is not positive semi-definite: K_{i}{i} = 0 but row {i} has a nonzero entry"
+        )
+    inv = torch.where(null, 1.0, 1.0 / torch.sqrt(diag))
+    lowest = float(torch.linalg.eigvalsh(sym * torch.outer(inv, inv)).min())
+    if lowest < -ROUNDING_TOL * k:
+        raise InvalidGradients(
+            "gram is not positive semi-definite: the smallest eigenvalue of K_ij / sqrt(K_ii K_jj) is "
+            f"{lowest:.3g} (tolerance {-ROUNDING_TOL * k:.3g})"
+        )
+    return sym
 
 
 def weights_from_gram(
