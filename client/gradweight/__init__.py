@@ -18,6 +18,7 @@ from .errors import (
     InvalidGradients,
     InvalidMethod,
     MalformedBody,
+    MalformedReply,
     MisdirectedRequest,
     NonFinite,
     NotReady,
@@ -61,7 +62,7 @@ from .methods import (
 )
 from .remote import RemoteWeighting, apply_grads
 from .retry import Retry
-from .types import CombineResult, Health, MethodInfo, WeightsResult
+from .types import CombineResult, FileResult, Health, MethodInfo, WeightsResult
 
 __all__ = [
     "CRMOGM",
@@ -82,6 +83,7 @@ __all__ = [
     "DualProj",
     "ExcessMTL",
     "FairGrad",
+    "FileResult",
     "Forbidden",
     "GradDrop",
     "GradVac",
@@ -93,6 +95,7 @@ __all__ = [
     "InvalidMethod",
     "Krum",
     "MalformedBody",
+    "MalformedReply",
     "Mean",
     "MethodInfo",
     "MethodLike",

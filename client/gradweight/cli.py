@@ -16,11 +16,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import wire
-from .client import OCTET, Client, _Call, method_json
-from .encoding import Blob, body_from_blobs, parse_reply
-from .errors import APIError, GradweightError, MalformedBody, TransportError
+from .client import Client
+from .errors import APIError, GradweightError, TransportError
 from .retry import Retry
+from .wire import FLOAT_NAMES
 
 EXIT_OK, EXIT_API, EXIT_USAGE, EXIT_TRANSPORT, EXIT_NOT_READY = 0, 1, 2, 3, 4
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -36,9 +35,12 @@ def _parser() -> argparse.ArgumentParser:
         "--url", default=argparse.SUPPRESS, help=f"server URL (GRADWEIGHT_URL, {DEFAULT_URL})"
     )
     common.add_argument("--token", default=argparse.SUPPRESS, help="bearer token (GRADWEIGHT_TOKEN)")
-    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="seconds per request (300)")
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="seconds per try (300)")
     common.add_argument(
-        "--retries", type=int, default=argparse.SUPPRESS, help="retries on 503/connection (3)"
+        "--retries",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="most retries on 503/connection failures (default: as many as fit in 60 s; health: 0)",
     )
     common.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
@@ -63,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--method", required=True, help='a name (munba) or a JSON spec (\'{"name": "simple"}\')')
     c.add_argument("--layout", choices=["flat", "params"], default="flat")
-    c.add_argument("--dtype", choices=["float16", "bfloat16", "float32", "float64"])
+    c.add_argument("--dtype", choices=FLOAT_NAMES)
     c.add_argument("--state", help="opaque state from the previous step (stateful methods)")
     c.add_argument("-o", "--output", type=Path, help="write the result here (a safetensors file)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar for large transfers")
@@ -80,34 +82,27 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _client(args: argparse.Namespace, *, progress: bool = False) -> Client:
+def _client(args: argparse.Namespace, *, progress: bool = False, retries: int | None = None) -> Client:
+    """A client from the arguments and environment; `retries` is the command's default for --retries."""
     url = getattr(args, "url", None) or os.environ.get("GRADWEIGHT_URL") or DEFAULT_URL
     token = getattr(args, "token", None) or os.environ.get("GRADWEIGHT_TOKEN") or None
     return Client(
         url,
         token=token,
         timeout=getattr(args, "timeout", 300.0),
-        retries=Retry.of(getattr(args, "retries", 3)),
+        retries=Retry.of(getattr(args, "retries", retries)),
         progress=progress,
     )
 
 
-def _read_file(path: Path, group: str) -> tuple[list[Blob], list[str] | None]:
-    """The file's tensors as blobs viewing a read-only mmap of it (no copy), and its `order` if any.
-    The map closes when the last view of it is gone."""
+def _map(path: Path) -> memoryview:
+    """A read-only map of the file: its tensors are sent from it without a copy."""
     try:
         with path.open("rb") as f:
             size = os.fstat(f.fileno()).st_size
-            data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b"")
+            return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b"")
     except OSError as exc:
         raise UsageError(f"{path}: {exc.strerror or exc}") from None
-    try:
-        header = wire.parse(data)
-        order = json.loads(header.metadata["order"]) if "order" in header.metadata else None
-    except (MalformedBody, ValueError) as exc:
-        raise UsageError(f"{path}: not a valid safetensors file ({exc})") from None
-    blobs = [Blob(f"{group}/{t.name}", t.dtype, t.shape, data[t.begin : t.end]) for t in header.tensors]
-    return blobs, order
 
 
 def _combine(args: argparse.Namespace) -> int:
@@ -123,55 +118,40 @@ def _combine(args: argparse.Namespace) -> int:
         files = [("forget", args.forget)] + ([("retain", args.retain)] if args.retain else [])
     else:
         raise UsageError("combine needs --forget (and usually --retain), or --group NAME=FILE")
-    blobs: list[Blob] = []
-    order: list[str] | None = None
-    for name, path in files:
-        more, file_order = _read_file(path, name)
-        blobs += more
-        order = order or file_order
-    names = [name for name, _ in files]
-    method = method_json(args.method)
-    body = body_from_blobs(
-        blobs, method=method, order=order, group_names=names, state=args.state, progress=progress
-    )
-    params = {"layout": args.layout, **({"dtype": args.dtype} if args.dtype else {})}
-    call = _Call(
-        "POST",
-        "/v1/combine",
-        params=params,
-        headers={"Content-Type": OCTET, "Accept": OCTET, "Content-Length": str(body.length)},
-        content=body,
-    )
+    data = {name: _map(path) for name, path in files}
     with _client(args, progress=progress) as client:
-        reply = client._send(call)
-    assert reply.buffer is not None
-    header, meta = parse_reply(reply.buffer.view)
+        try:
+            res = client.combine_safetensors(
+                data, args.method, layout=args.layout, dtype=args.dtype, state=args.state
+            )
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     if args.output is not None:
         with args.output.open("wb") as out:
-            out.write(reply.buffer.view)
-    numel = sum(t.numel for t in header.tensors)
+            out.write(res.data)
+    dtypes = sorted({dtype for dtype, _ in res.tensors.values()})
     summary = {
-        "method": meta.method,
-        "weights": meta.weights,
-        "gram": meta.gram,
-        "device": meta.device,
-        "timing": meta.timing,
-        "numel": numel,
-        "dtype": header.tensors[0].dtype if header.tensors else None,
-        "state": meta.state,
+        "method": res.method,
+        "weights": res.weights,
+        "gram": res.gram,
+        "device": res.device,
+        "timing": res.timing,
+        "numel": res.numel,
+        "dtype": dtypes[0] if len(dtypes) == 1 else None,
+        "state": res.state,
         "output": str(args.output) if args.output else None,
-        "request_id": reply.request_id,
+        "request_id": res.request_id,
     }
     if getattr(args, "json", False):
         print(json.dumps(summary))
     else:
-        weights = ", ".join(f"{k}={v:.6g}" for k, v in (meta.weights or {}).items()) or "elementwise"
-        name = meta.method.get("name", "?")
-        print(f"{name}: {weights}  ({numel} elements, {summary['dtype']}, on {meta.device})")
+        weights = ", ".join(f"{k}={v:.6g}" for k, v in (res.weights or {}).items()) or "elementwise"
+        name = res.method.get("name", "?")
+        print(f"{name}: {weights}  ({res.numel} elements, {summary['dtype']}, on {res.device})")
         if args.output is not None:
             print(f"wrote {args.output}")
-        if meta.state is not None:
-            print(f"state: {meta.state}")
+        if res.state is not None:
+            print(f"state: {res.state}")
     return EXIT_OK
 
 
@@ -205,7 +185,7 @@ def _methods(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with _client(args, retries=0) as client:  # "is it up now?": answered at once, not after 60 s
         h = client.health()
     if getattr(args, "json", False):
         print(json.dumps({"live": h.live, "ready": h.ready, **h.detail}))

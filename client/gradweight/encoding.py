@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 
 from . import progress as _progress
-from .errors import MalformedBody
+from .errors import MalformedReply
 from .tensors import CHUNK_BYTES, Group, dtype_tag, host_bytes, shape_of
-from .wire import Header, build_header, parse
+from .wire import Header, build_header
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,44 +119,45 @@ def body_from_blobs(
 
 @dataclass(frozen=True, slots=True)
 class ReplyMeta:
-    """The JSON entries of a combine reply's `__metadata__`."""
+    """The JSON entries of a combine reply's `__metadata__`; `weights` is None when the reply has none
+    (elementwise methods), and unchecked here (see checks.py)."""
 
     method: dict[str, Any]
-    weights: dict[str, float] | None
+    weights: Any
     gram: list[list[float]] | None
     device: str
     timing: dict[str, float]
     state: str | None
 
 
-def reply_meta(header: Header) -> ReplyMeta:
-    """Decode the reply's metadata; a reply that breaks the protocol is a MalformedBody."""
+def reply_meta(header: Header, request_id: str | None = None) -> ReplyMeta:
+    """Decode the reply's metadata; one that breaks the protocol is a MalformedReply."""
     meta = header.metadata
 
-    def load(key: str, default: Any = None) -> Any:
+    def load(key: str, kind: type, default: Any = None) -> Any:
         if key not in meta:
             return default
         try:
-            return json.loads(meta[key])
-        except json.JSONDecodeError:
-            raise MalformedBody(f"reply metadata {key!r} is not JSON") from None
+            value = json.loads(meta[key])
+        except (ValueError, RecursionError):
+            raise MalformedReply(f"reply metadata {key!r} is not JSON", request_id=request_id) from None
+        if not isinstance(value, kind):
+            raise MalformedReply(
+                f"reply metadata {key!r} is not a JSON {kind.__name__}", request_id=request_id
+            )
+        return value
 
-    weights = load("weights")
-    if weights is not None and not isinstance(weights, dict):
-        raise MalformedBody("reply `weights` metadata is not an object")
     device = meta.get("device", "")
     if device.startswith('"'):
-        device = str(load("device"))
+        device = str(load("device", str))
+    timing = load("timing", dict, {})
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in timing.values()):
+        raise MalformedReply("reply metadata 'timing' holds a non-number", request_id=request_id)
     return ReplyMeta(
-        method=load("method", {}),
-        weights=None if weights is None else {str(k): float(v) for k, v in weights.items()},
-        gram=load("gram"),
+        method=load("method", dict, {}),
+        weights=load("weights", dict),
+        gram=load("gram", list),
         device=device,
-        timing={str(k): float(v) for k, v in (load("timing", {}) or {}).items()},
+        timing={str(k): float(v) for k, v in timing.items()},
         state=meta.get("state"),
     )
-
-
-def parse_reply(buf: memoryview) -> tuple[Header, ReplyMeta]:
-    header = parse(buf)
-    return header, reply_meta(header)

@@ -18,6 +18,21 @@ class TransportError(GradweightError):
     """The request never got an answer: connection refused or reset, timeout, protocol error."""
 
 
+class MalformedReply(GradweightError):
+    """The server's answer breaks the protocol or does not match the request: wrong element count, dtype,
+    shape or group names, a NaN or infinity, a body longer than the request implies, not JSON. A broken
+    proxy or a bad deploy; never retried, since the same request would get the same answer."""
+
+    def __init__(self, detail: str, *, request_id: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.request_id = request_id
+
+    def __str__(self) -> str:
+        rid = f" [request {self.request_id}]" if self.request_id else ""
+        return f"malformed reply: {self.detail}{rid}"
+
+
 class APIError(GradweightError):
     """A problem+json answer (RFC 9457), or the same condition detected in-process."""
 

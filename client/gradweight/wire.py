@@ -40,6 +40,8 @@ DTYPES: dict[str, tuple[int, str, str | None]] = {
 }
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 TAG_BY_NAME: dict[str, str] = {v[1]: k for k, v in DTYPES.items()}
+# The protocol's dtype names (`?dtype=`, JSON replies, messages) are these, not the safetensors tags.
+FLOAT_NAMES: tuple[str, ...] = tuple(DTYPES[t][1] for t in FLOAT_DTYPES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +66,8 @@ class Header:
     data_start: int
 
     @property
-    def size(self) -> int:
-        """Total file size the header describes."""
+    def end(self) -> int:
+        """The file size the header implies: where its last tensor ends."""
         return self.tensors[-1].end if self.tensors else self.data_start
 
 
@@ -93,8 +95,9 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     raise AssertionError("unreachable")
 
 
-def parse_header(raw: bytes | memoryview, total_size: int, *, max_tensors: int = 1_000_000) -> Header:
-    """Validate the JSON header `raw` (the bytes after the length) of a file of `total_size` bytes."""
+def parse_header(raw: bytes | memoryview, total_size: int | None, *, max_tensors: int = 1_000_000) -> Header:
+    """Validate the JSON header `raw` (the bytes after the length) of a file of `total_size` bytes
+    (None: of the size the header implies, for a file whose end has not arrived yet)."""
     data_start = 8 + len(raw)
     try:
         text = bytes(raw).decode("utf-8")
@@ -120,7 +123,7 @@ def parse_header(raw: bytes | memoryview, total_size: int, *, max_tensors: int =
             what = "overlaps the previous tensor" if t.begin < cursor else "leaves a hole before it"
             raise MalformedBody(f"safetensors: tensor {t.name[:80]!r} {what}")
         cursor = t.end
-    if cursor != total_size:
+    if total_size is not None and cursor != total_size:
         if cursor > total_size:
             raise MalformedBody(
                 f"safetensors: tensors end at byte {cursor} but the body has {total_size} (truncated?)"

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 import torch
+from gradweight import wire
 from gradweight.errors import InvalidGradients
 from gradweight.methods import PAIR
 
@@ -62,7 +63,7 @@ def assemble(parsed: Parsed, device: torch.device) -> Assembled:
     keys = _ordered_keys(list(first), parsed.order)
     dtypes = {_dtype_of(src, g, k) for g in names for k, src in present[g].items()}
     if len(dtypes) > 1:
-        raise InvalidGradients(f"mixed dtypes {sorted(str(d) for d in dtypes)}: use one float dtype")
+        raise InvalidGradients(f"mixed dtypes {sorted(_name(d) for d in dtypes)}: use one float dtype")
     shapes = [tuple(first[k].shape) for k in keys]
     numel = sum(math.prod(s) for s in shapes)
     if numel == 0:
@@ -78,11 +79,19 @@ def assemble(parsed: Parsed, device: torch.device) -> Assembled:
     return Assembled(groups, keys, shapes, dtypes.pop(), numel)
 
 
+def _name(dtype: torch.dtype | str) -> str:
+    """The protocol's name of a torch dtype or a safetensors tag: "float32", never "torch.float32"/"F32"."""
+    if isinstance(dtype, str):
+        return wire.DTYPES[dtype][1] if dtype in wire.DTYPES else dtype
+    return str(dtype).removeprefix("torch.")
+
+
 def _dtype_of(src: Source, group: str, key: str) -> torch.dtype:
     if isinstance(src, torch.Tensor):
         return src.dtype
     if src.dtype not in TORCH_DTYPES:
-        raise InvalidGradients(f"group {group!r} key {key[:80]!r}: dtype {src.dtype} is not a float type")
+        name = _name(src.dtype)
+        raise InvalidGradients(f"group {group!r} key {key[:80]!r}: dtype {name} is not a float type")
     return TORCH_DTYPES[src.dtype]
 
 

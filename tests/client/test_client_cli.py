@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,7 @@ def test_combine_writes_result(
     summary = json.loads(capsys.readouterr().out)
     assert summary["weights"] == {"retain": 0.5, "forget": 1.0}
     assert summary["numel"] == 17
+    assert summary["dtype"] == "float32"  # the protocol's dtype names, as --dtype takes them
     got = load_file(out)["scaled_grad"]
     np.testing.assert_allclose(got, _flat(f, ["0", "1"]) + 0.5 * _flat(r, ["0", "1"]), rtol=1e-6)
 
@@ -148,9 +151,24 @@ def test_errors_and_exit_codes(
     assert cli.main(["methods", "--url", secured.url, "--token", "tok"]) == 0
     port = secured.port
     secured.stop()
-    code = cli.main(["health", "--url", f"http://127.0.0.1:{port}", "--retries", "0"])
+    code = cli.main(["health", "--url", f"http://127.0.0.1:{port}"])  # no retries by default: "up now?"
     assert code == cli.EXIT_TRANSPORT
     assert "cannot reach" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
         cli.main(["combine"])
     assert info.value.code == cli.EXIT_USAGE
+
+
+def test_readme_cli_block_is_one_command_per_line() -> None:
+    """Every line of the README's CLI block is one `gradweight` command the parser accepts as written."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r"### CLI\n.*?```sh\n(.*?)```", readme, flags=re.S)
+    assert block is not None
+    lines = [ln.split("   #")[0].strip() for ln in block.group(1).splitlines() if ln.strip()]
+    commands = [ln for ln in lines if not ln.startswith("export ")]
+    assert len(commands) >= 7
+    for line in commands:
+        argv = shlex.split(line)
+        assert argv[0] == "gradweight", line
+        assert "|" not in argv, line
+        cli._parser().parse_args(argv[1:])  # SystemExit on a line that would not run

@@ -1,8 +1,9 @@
-"""Client and AsyncClient against the in-process fake server: round trips, gram mode, errors, retries."""
+"""Both twins against the in-process fake server, through one set of tests (the `twin` fixture runs
+each for Client and AsyncClient): round trips, gram mode, errors, retries and their deadline."""
 
 from __future__ import annotations
 
-import asyncio
+import inspect
 import json
 from typing import Any
 
@@ -17,21 +18,12 @@ from gradweight import (
     CombineResult,
     InvalidMethod,
     Nash,
-    NotReady,
     Overloaded,
     Retry,
     Simple,
     TransportError,
 )
 from gradweight.errors import ERRORS_BY_CODE, RETRYABLE, APIError
-
-
-def client(fake: FakeServer, **kw: Any) -> Client:
-    return Client("http://fake", transport=httpx.MockTransport(fake), **kw)
-
-
-def aclient(fake: FakeServer, **kw: Any) -> AsyncClient:
-    return AsyncClient("http://fake", transport=httpx.MockTransport(fake), **kw)
 
 
 def _pair(rng: np.random.Generator, torch_in: bool, dtype: Any = np.float32) -> tuple[list[Any], list[Any]]:
@@ -49,9 +41,11 @@ def _flat(xs: list[Any]) -> np.ndarray:
 
 @pytest.mark.parametrize("torch_in", [False, True])
 @pytest.mark.parametrize("layout", ["flat", "params"])
-def test_combine_round_trip(fake: FakeServer, rng: np.random.Generator, torch_in: bool, layout: str) -> None:
+def test_combine_round_trip(
+    twin: Any, fake: FakeServer, rng: np.random.Generator, torch_in: bool, layout: str
+) -> None:
     f, r = _pair(rng, torch_in)
-    with client(fake) as c:
+    with twin(fake) as c:
         res = c.combine(f, r, Simple(forget_weight=2.0, retain_weight=0.5), layout=layout)  # type: ignore[arg-type]
     assert res.weights == {"forget": 2.0, "retain": 0.5}
     assert res.method["name"] == "simple"
@@ -75,9 +69,9 @@ def test_combine_round_trip(fake: FakeServer, rng: np.random.Generator, torch_in
     assert req.headers["content-type"] == "application/octet-stream"
 
 
-def test_reply_tensors_are_views_of_one_buffer(fake: FakeServer, rng: np.random.Generator) -> None:
+def test_reply_tensors_are_views_of_one_buffer(twin: Any, fake: FakeServer, rng: np.random.Generator) -> None:
     f, r = _pair(rng, True)
-    with client(fake) as c:
+    with twin(fake) as c:
         res = c.combine(f, r, "simple", layout="params")
         flat = c.combine(f, r, "simple")
     storages = {t.untyped_storage().data_ptr() for t in res.tensors}
@@ -86,10 +80,10 @@ def test_reply_tensors_are_views_of_one_buffer(fake: FakeServer, rng: np.random.
     assert flat.scaled_grad.untyped_storage().nbytes() < flat.scaled_grad.numel() * 4 + 4096  # + header only
 
 
-def test_dict_inputs_and_dtype(fake: FakeServer, rng: np.random.Generator) -> None:
+def test_dict_inputs_and_dtype(twin: Any, fake: FakeServer, rng: np.random.Generator) -> None:
     f, r = _pair(rng, True)
     names = ["b.w", "a.w", "z"]
-    with client(fake) as c:
+    with twin(fake) as c:
         res = c.combine(
             dict(zip(names, f, strict=True)),
             dict(zip(names, r, strict=True)),
@@ -105,10 +99,10 @@ def test_dict_inputs_and_dtype(fake: FakeServer, rng: np.random.Generator) -> No
 @pytest.mark.parametrize("method", ["simple", "nash", {"name": "simple", "retain_weight": 3.0}])
 @pytest.mark.parametrize("torch_in", [False, True])
 def test_gram_mode_equals_full_mode(
-    fake: FakeServer, rng: np.random.Generator, method: Any, torch_in: bool
+    twin: Any, fake: FakeServer, rng: np.random.Generator, method: Any, torch_in: bool
 ) -> None:
     f, r = _pair(rng, torch_in, np.float64)
-    with client(fake) as c:
+    with twin(fake) as c:
         full = c.combine(f, r, method)
         gram = c.combine(f, r, method, mode="gram")
     assert gram.mode == "gram"
@@ -120,9 +114,9 @@ def test_gram_mode_equals_full_mode(
     assert type(gram.scaled_grad) is type(full.scaled_grad)
 
 
-def test_multi_groups_and_state_round_trip(fake: FakeServer, rng: np.random.Generator) -> None:
+def test_multi_groups_and_state_round_trip(twin: Any, fake: FakeServer, rng: np.random.Generator) -> None:
     groups = {f"task_{i}": [torch.randn(3, 2), torch.randn(4)] for i in range(3)}
-    with client(fake) as c:
+    with twin(fake) as c:
         first = c.combine(groups=groups, method={"name": "sum"})
         assert json.loads(first.state or "") == {"step": 1}
         second = c.combine(groups=groups, method={"name": "sum"}, state=first.state)
@@ -134,8 +128,8 @@ def test_multi_groups_and_state_round_trip(fake: FakeServer, rng: np.random.Gene
     assert json.loads(fake.requests[-1].read())["groups"] == ["task_0", "task_1", "task_2"]
 
 
-def test_weights_methods_info_health(fake: FakeServer) -> None:
-    with client(fake, token="s3cret") as c:
+def test_weights_methods_info_health(twin: Any, fake: FakeServer) -> None:
+    with twin(fake, token="s3cret") as c:
         w = c.weights([[2.0, 0.5], [0.5, 1.0]], Nash())
         assert set(w.weights) == {"retain", "forget"}
         assert w.weights["retain"] > 0
@@ -150,14 +144,14 @@ def test_weights_methods_info_health(fake: FakeServer) -> None:
     assert json.loads(fake.requests[0].read())["gram"] == [[2.0, 0.5], [0.5, 1.0]]
 
 
-def test_base_url_prefix_and_headers(fake: FakeServer) -> None:
+def test_base_url_prefix_and_headers(twin: Any, fake: FakeServer) -> None:
     seen: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request)
         return httpx.Response(200, json={"version": "x"})
 
-    with Client("http://proxy:8080/gw/", transport=httpx.MockTransport(handler)) as c:
+    with twin(handler, "http://proxy:8080/gw/") as c:
         c.info()
     (req,) = seen
     assert str(req.url) == "http://proxy:8080/gw/v1/info"
@@ -165,18 +159,20 @@ def test_base_url_prefix_and_headers(fake: FakeServer) -> None:
     assert req.headers["user-agent"].startswith("gradweight/")
 
 
-def test_weights_accepts_arrays(fake: FakeServer) -> None:
-    with client(fake) as c:
+def test_weights_accepts_arrays(twin: Any, fake: FakeServer) -> None:
+    with twin(fake) as c:
         a = c.weights(np.array([[2.0, 0.5], [0.5, 1.0]]), "nash")
         b = c.weights(torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64), "nash")
     assert a.weights == b.weights
 
 
 @pytest.mark.parametrize("code", sorted(ERRORS_BY_CODE))
-def test_each_error_code_maps_to_its_class(fake: FakeServer, no_sleep: list[float], code: str) -> None:
+def test_each_error_code_maps_to_its_class(
+    twin: Any, fake: FakeServer, no_sleep: list[float], code: str
+) -> None:
     cls = ERRORS_BY_CODE[code]
     fake.fail_with(code, times=10)
-    with client(fake, retries=2) as c, pytest.raises(cls) as info:
+    with twin(fake, retries=2) as c, pytest.raises(cls) as info:
         c.weights([[1.0, 0.0], [0.0, 1.0]], "nash")
     err = info.value
     assert isinstance(err, APIError)
@@ -188,11 +184,13 @@ def test_each_error_code_maps_to_its_class(fake: FakeServer, no_sleep: list[floa
     assert len(no_sleep) == tries - 1
 
 
-def test_retry_after_is_honoured(fake: FakeServer, no_sleep: list[float], rng: np.random.Generator) -> None:
+def test_retry_after_is_honoured(
+    twin: Any, fake: FakeServer, no_sleep: list[float], rng: np.random.Generator
+) -> None:
     fake.fail_with("overloaded", retry_after="2")
     fake.fail_with("not-ready")
     f, r = _pair(rng, True)
-    with client(fake, retries=Retry(attempts=3, backoff=0.01)) as c:
+    with twin(fake, retries=Retry(attempts=3, backoff=0.01)) as c:
         res = c.combine(f, r, "simple")
     assert isinstance(res, CombineResult)
     assert 2.0 <= no_sleep[0] <= 2.5
@@ -212,38 +210,38 @@ def test_backoff_grows_with_jitter() -> None:
     assert r.max_retry_after <= r.delay(0, Overloaded("x", retry_after=1e6)) <= 1.25 * r.max_retry_after
 
 
-def test_connection_errors_retried_then_raised(fake: FakeServer, no_sleep: list[float]) -> None:
+def test_connection_errors_retried_then_raised(twin: Any, fake: FakeServer, no_sleep: list[float]) -> None:
     fake.drop_connection(times=2)
-    with client(fake, retries=2) as c:
+    with twin(fake, retries=2) as c:
         assert c.health().live
     fake.drop_connection(times=5)
-    with client(fake, retries=1) as c, pytest.raises(TransportError, match="ConnectError"):
+    with twin(fake, retries=1) as c, pytest.raises(TransportError, match="ConnectError"):
         c.methods()
 
 
-def test_read_timeout_not_retried(no_sleep: list[float]) -> None:
+def test_read_timeout_not_retried(twin: Any, no_sleep: list[float]) -> None:
     calls = []
 
     def handler(request: httpx.Request) -> httpx.Response:
         calls.append(request)
         raise httpx.ReadTimeout("slow", request=request)
 
-    c = Client("http://x", transport=httpx.MockTransport(handler), retries=3)
+    c = twin(handler, retries=3)
     with c, pytest.raises(TransportError, match="ReadTimeout"):
         c.info()
     assert len(calls) == 1
 
 
-def test_no_retry_on_4xx(fake: FakeServer, no_sleep: list[float]) -> None:
-    with client(fake, retries=5) as c, pytest.raises(InvalidMethod) as info:
+def test_no_retry_on_4xx(twin: Any, fake: FakeServer, no_sleep: list[float]) -> None:
+    with twin(fake, retries=5) as c, pytest.raises(InvalidMethod) as info:
         c.weights([[1.0, 0.0], [0.0, 1.0]], {"name": "no-such-method"})
     assert len(fake.requests) == 1
     assert no_sleep == []
     assert info.value.request_id == fake.requests[0].headers["x-request-id"]
 
 
-def test_local_validation_fails_before_upload(fake: FakeServer) -> None:
-    with client(fake) as c:
+def test_local_validation_fails_before_upload(twin: Any, fake: FakeServer) -> None:
+    with twin(fake) as c:
         with pytest.raises(InvalidMethod):
             c.combine([torch.randn(3)], [torch.randn(3)], {"name": "simple", "bogus": 1})
         with pytest.raises(ValueError, match="layout"):
@@ -274,66 +272,70 @@ def test_method_forms() -> None:
         method_json({"name": "nash", "max_norm": -1})
 
 
-def test_non_problem_error_body(no_sleep: list[float]) -> None:
+def test_non_problem_error_body(twin: Any, no_sleep: list[float]) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(502, text="<html>bad gateway</html>")
 
-    with Client("http://x", transport=httpx.MockTransport(handler)) as c, pytest.raises(APIError) as info:
+    with twin(handler) as c, pytest.raises(APIError) as info:
         c.info()
     assert "502" in str(info.value)
 
 
-def test_truncated_reply_is_transport_error(no_sleep: list[float]) -> None:
+def test_truncated_reply_is_transport_error(twin: Any, no_sleep: list[float]) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, content=b"abc", headers={"Content-Length": "10"})
 
     with (
-        Client("http://x", transport=httpx.MockTransport(handler), retries=0) as c,
+        twin(handler, retries=0) as c,
         pytest.raises(TransportError),
     ):
         c.combine([np.ones(3, np.float32)], [np.ones(3, np.float32)], "simple")
 
 
-# ---- async twin ------------------------------------------------------------------------------------
+def test_the_twins_have_one_face() -> None:
+    """Same public methods, same signatures and docstrings (bar "See `Client.x`"), async in AsyncClient."""
+    public = {n for n in dir(Client) if not n.startswith("_")} - {"close"}
+    assert public == {n for n in dir(AsyncClient) if not n.startswith("_")} - {"aclose"}
+    for name in public:
+        sync, coro = getattr(Client, name), getattr(AsyncClient, name)
+        if not callable(sync):
+            continue
+        assert inspect.iscoroutinefunction(coro), name
+        assert inspect.signature(sync) == inspect.signature(coro), name
+        assert sync.__doc__
+        assert coro.__doc__ == f"See `Client.{name}`.", name
 
 
-@pytest.mark.parametrize("layout", ["flat", "params"])
-def test_async_combine_and_gram(fake: FakeServer, rng: np.random.Generator, layout: str) -> None:
-    f, r = _pair(rng, True, np.float64)
-
-    async def go() -> tuple[CombineResult, CombineResult]:
-        async with aclient(fake) as c:
-            full = await c.combine(f, r, "nash", layout=layout)  # type: ignore[arg-type]
-            gram = await c.combine(f, r, "nash", layout=layout, mode="gram")  # type: ignore[arg-type]
-            assert (await c.weights(full.gram, "nash")).weights == pytest.approx(full.weights)
-            assert (await c.health()).ready
-            assert (await c.info())["device"] == "cpu"
-            assert len(await c.methods()) == 3
-            return full, gram
-
-    full, gram = asyncio.run(go())
-    if layout == "flat":
-        torch.testing.assert_close(gram.scaled_grad, full.scaled_grad, rtol=1e-6, atol=0)
-    else:
-        for a, b in zip(gram.tensors, full.tensors, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
+def test_retries_end_at_the_deadline(twin: Any, fake: FakeServer, no_sleep: list[float]) -> None:
+    """A server that stays down: the default policy retries for 60 s of (virtual) time, then raises."""
+    fake.drop_connection(times=10_000)
+    with twin(fake) as c, pytest.raises(TransportError):
+        c.info()
+    assert 50 <= sum(no_sleep) <= 60
+    assert 25 <= len(no_sleep) <= 100
+    assert max(no_sleep) <= Retry().max_backoff
 
 
-def test_async_retries_and_errors(fake: FakeServer, no_sleep: list[float], rng: np.random.Generator) -> None:
-    f, r = _pair(rng, False)
-    fake.fail_with("overloaded", retry_after="1")
-    fake.drop_connection()
+def test_retry_after_is_capped(twin: Any, fake: FakeServer, no_sleep: list[float]) -> None:
+    fake.fail_with("overloaded", retry_after="100000", times=2)
+    with twin(fake) as c:
+        assert c.info()["version"] == "fake"
+    assert len(no_sleep) == 2
+    assert all(Retry().max_retry_after <= s <= 1.25 * Retry().max_retry_after for s in no_sleep)
+    fake.fail_with("overloaded", retry_after="100000", times=2)
+    with twin(fake, retries=Retry(deadline=5)) as c, pytest.raises(Overloaded):
+        c.info()  # the wait would end past the deadline: raised at once, not slept
 
-    async def go() -> None:
-        async with aclient(fake, retries=3) as c:
-            res = await c.combine(f, r, "simple")
-            assert res.weights == {"forget": 1.0, "retain": 1.0}
-            fake.fail_with("not-ready", times=4)
-            with pytest.raises(NotReady):
-                await c.combine(f, r, "simple")
-            with pytest.raises(InvalidMethod):
-                await c.weights([[1.0, 0.0], [0.0, 1.0]], {"name": "nope"})
 
-    asyncio.run(go())
-    assert 1.0 <= no_sleep[0] <= 1.25
-    assert len(no_sleep) == 2 + 3
+def test_retry_policy_arguments() -> None:
+    assert Retry.of(None) == Retry()
+    assert Retry.of(2).attempts == 3
+    assert Retry.of(2).deadline == Retry().deadline
+    with pytest.raises(ValueError, match="retries"):
+        Retry.of(-1)
+    with pytest.raises(TypeError):
+        Retry.of(2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="deadline"):
+        Retry(deadline=float("inf"))
+    with pytest.raises(ValueError, match="attempts"):
+        Retry(attempts=0)

@@ -28,7 +28,7 @@ from gradweight import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from gradweight.client import _Call
+from gradweight.errors import from_problem
 
 SHAPES = [(6, 5), (7,), (2, 3, 4), ()]
 
@@ -245,17 +245,19 @@ def test_client_side_error_classes(live_server: Any, rng: np.random.Generator) -
         assert "forget" in nf.value.detail
         with pytest.raises(Degenerate):
             c.combine([torch.zeros_like(t) for t in f], r, "nash")
-        with pytest.raises(MalformedBody):
-            c._send(
-                _Call(
-                    "POST",
-                    "/v1/combine",
-                    headers={"Content-Type": "application/octet-stream"},
-                    content=b"\xff" * 12,
-                )
-            )
-        with pytest.raises(UnsupportedMediaType):
-            c._send(_Call("POST", "/v1/combine", headers={"Content-Type": "text/plain"}, content=b"hi"))
+    with Client(live_server.url, retries=0) as c, pytest.raises(InvalidGradients) as mixed:
+        c.combine([np.ones(3, np.float16)], [np.ones(3, np.float32)], "simple")  # numpy only: no torch names
+    assert "float16" in mixed.value.detail
+    assert "torch" not in mixed.value.detail
+    # bodies the client never builds, sent raw: the server's problem documents map to the same classes
+    for content_type, body, cls in [
+        ("application/octet-stream", b"\xff" * 12, MalformedBody),
+        ("text/plain", b"hi", UnsupportedMediaType),
+    ]:
+        reply = httpx.post(
+            live_server.url + "/v1/combine", content=body, headers={"Content-Type": content_type}
+        )
+        assert type(from_problem(reply.status_code, reply.json())) is cls
 
 
 def test_token_and_size_limit(make_server: Any, rng: np.random.Generator) -> None:

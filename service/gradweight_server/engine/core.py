@@ -133,7 +133,7 @@ def _check_output(
     if not has_non_finite(out):
         return
     _locate_non_finite(groups, keys)
-    raise Degenerate(f"the weighted sum overflows {out.dtype}")
+    raise Degenerate(f"the weighted sum overflows {str(out.dtype).removeprefix('torch.')}")
 
 
 def _locate_non_finite(groups: Mapping[str, Sequence[torch.Tensor]], keys: Sequence[str]) -> None:

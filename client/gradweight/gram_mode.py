@@ -1,0 +1,75 @@
+"""Gram mode's local half: which groups, in which gram order, and the final weighted sum (gram.py).
+
+The server sees only the k x k gram and answers one weight per group; the gradients never leave the
+trainer. The gram's row order is the method's own (`group_names`, e.g. retain then forget for the
+unlearning methods), else the protocol's pair order for forget/retain, else the order the groups were
+given in; it is always sent explicitly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from . import gram as _gram
+from .checks import spec_of
+from .methods import PAIR
+from .tensors import Group, device_of
+from .types import CombineResult, Layout, WeightsResult
+
+
+@dataclass(frozen=True)
+class GramPlan:
+    method: dict[str, Any]
+    named: dict[str, Group]
+    order: list[str]
+    layout: Layout
+    dtype: str | None
+
+    @classmethod
+    def of(
+        cls, named: dict[str, Group], method: dict[str, Any], layout: Layout, dtype: str | None
+    ) -> GramPlan:
+        spec = spec_of(method)
+        names = spec.group_names if spec is not None else None
+        if not names and set(named) == set(PAIR):
+            names = PAIR  # the pair sent without `groups` is in this order on the server too
+        if names:
+            unknown = sorted(set(named) - set(names))
+            if unknown:
+                raise ValueError(f"method {method.get('name')!r} takes groups {list(names)}, not {unknown}")
+            order = [g for g in names if g in named]
+        else:
+            order = list(named)
+        return cls(method, named, order, layout, dtype)
+
+    @property
+    def ordered(self) -> list[Group]:
+        return [self.named[n] for n in self.order]
+
+    def gram(self) -> list[list[float]]:
+        return _gram.gram(self.ordered)
+
+    def finish(self, k: list[list[float]], w: WeightsResult, t: tuple[float, float, float]) -> CombineResult:
+        """The weighted sum of the groups with the server's weights (checked: one per group, finite)."""
+        flat, per_key = _gram.combine(
+            self.ordered, [w.weights[n] for n in self.order], layout=self.layout, dtype=self.dtype
+        )
+        t3 = time.perf_counter()
+        return CombineResult(
+            weights=w.weights,
+            method=w.method,
+            scaled_grad=flat,
+            params=per_key,
+            gram=k,
+            device=device_of(self.ordered[0].arrays[0]),
+            timing={
+                "gram_ms": (t[1] - t[0]) * 1e3,
+                "weights_ms": (t[2] - t[1]) * 1e3,
+                "combine_ms": (t3 - t[2]) * 1e3,
+            },
+            state=w.state,
+            request_id=w.request_id,
+            mode="gram",
+        )
