@@ -79,7 +79,12 @@ class GradientWeightingMethodRemote(GradientWeightingMethod):  # type: ignore[mi
         "the 2x2 gram goes over the wire and the weighted sum is formed locally.",
     )
     timeout: float | None = Field(default=DEFAULT_TIMEOUT, gt=0, description="Seconds per request.")
-    retries: int = Field(default=3, ge=0, description="Retries of connection failures and 503s.")
+    retries: int | None = Field(
+        default=None,
+        ge=0,
+        description="Most retries of connection failures and 503s; None: the client's default (retry for "
+        "up to 60 s, through a restart of the server).",
+    )
     on_nonfinite: Literal["nan", "raise"] = Field(
         default="nan",
         description="Non-finite gradients (fp16 overflow): 'nan' returns a NaN gradient for the "
