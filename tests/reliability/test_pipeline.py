@@ -408,5 +408,7 @@ def test_docs_are_served_offline_and_behind_the_token(make_server):
     js = httpx.get(live.url + "/docs-assets/swagger-ui-bundle.js", headers=auth, timeout=10)
     assert js.status_code == 200
     assert len(js.content) > 100_000
+    unknown = httpx.get(live.url + "/docs-assets/unknown.js", headers=auth, timeout=10)
+    assert problem(unknown, [404])["code"] == "not-found"
     open_docs = make_server(warmup=False, token="s3cret", docs_public=True)
     assert httpx.get(open_docs.url + "/docs", timeout=10).status_code == 200

@@ -6,9 +6,10 @@ from __future__ import annotations
 from importlib.resources import files
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..deps import require_token
 from ..settings import Settings
@@ -56,10 +57,10 @@ def docs_router(app: FastAPI, settings: Settings) -> APIRouter:
 
     @router.get("/docs-assets/{name}")
     @router.head("/docs-assets/{name}")
-    async def asset(name: str, request: Request) -> Response:
+    async def asset(name: str) -> Response:
         media = ASSET_TYPES.get(name)
         if media is None:
-            return Response(status_code=404)
+            raise StarletteHTTPException(404)
         return Response(
             (ASSETS / name).read_bytes(), media_type=media, headers={"cache-control": "max-age=86400"}
         )
