@@ -14,7 +14,7 @@ from gradweight.errors import Degenerate, InvalidGradients, NonFinite
 from gradweight.methods import MethodSpec
 
 from .methods import aggregate, solve
-from .passes import combine, gram, has_non_finite
+from .passes import combine, flat_runs, gram, has_non_finite
 from .validate import check_groups
 
 
@@ -91,15 +91,16 @@ def run(
             raise
         _check_output(ordered, keys, out)
         return Outcome(weights=None, gram=None, flat=out, state=None)
+    runs = [flat_runs(t) for t in tensors]
     k_matrix: torch.Tensor | None = None
     if spec.needs_gram:
-        k_matrix, diag = gram(tensors)
+        k_matrix, diag = gram(runs)
         if not bool(torch.isfinite(diag).all()):
             _raise_non_finite(ordered, keys, diag)
     w, new_state = solve(spec, k_matrix, names, state)
     weights = [float(v) for v in w]
-    active = [(t, wt) for t, wt in zip(tensors, weights) if wt != 0.0] or [(tensors[0], 0.0)]
-    combine([t for t, _ in active], [wt for _, wt in active], out)
+    active = [(r, wt) for r, wt in zip(runs, weights) if wt != 0.0] or [(runs[0], 0.0)]
+    combine([r for r, _ in active], [wt for _, wt in active], out)
 
     if k_matrix is None or _may_overflow(k_matrix, weights, out_dtype):
         _check_output(ordered, keys, out)

@@ -1,22 +1,27 @@
 """The two memory-bound passes every method shares: the gram and the combine.
 
 Neither concatenates nor stacks the gradient lists, and both are exact to their rounding and deterministic:
-the same inputs give the same bytes whatever the thread count and whichever thread runs them. Both use only
-elementwise torch operations, each a single IEEE operation per element (a copy that widens, a product, a
-sum), so how torch splits them across threads cannot change a bit; no BLAS call and no torch reduction over
-a long tensor, whose partial sums follow the thread count, is on the path.
+the same inputs give the same bytes whatever the thread count, whichever thread runs them and however the
+tensors lie in memory. Both use only elementwise torch operations, each a single IEEE operation per element
+(a copy that widens, a product, a sum), and small GEMMs that one thread computes whole, so how torch splits
+them across threads cannot change a bit; no torch reduction over a long tensor, whose partial sums follow
+the thread count, is on the path.
 
-The gram: the k groups are streamed, key after key, into a k x lanes float64 scratch (exact widening; no
-concatenation). On the CPU each full scratch is cut into blocks of `CPU_BATCH` lanes and one batched
-matmul gives every block's k x k partial gram (each a small float64 GEMM that one thread computes whole,
-in the kernel's fixed order); the partials are added block-wise into a lanes/CPU_BATCH x k x k accumulator
-and folded pairwise at the end. Products of inputs up to float32 are exact in float64, so each entry is
-within about (CPU_BATCH + numel / lanes + log2 lanes) float64 roundings of its exact value relative to
-sqrt(K_ii K_jj), and how torch splits the copies and the batches across threads changes no bit. We measured
-this 3x faster than the elementwise lane scheme (`gradweight.gram.lanes_gram`, one multiply-add per lane
-and chunk), which stays the GPU's path and the client's gram mode: the two agree to float64 rounding.
+A group is first reduced to its flat runs (`flat_runs`): consecutive tensors that lie back to back in one
+storage become one view, so a group read from a request body costs a few calls whatever its tensor count.
+Both passes then walk the groups in stretches of a fixed width (`chunks`); a stretch spanning many small
+tensors is filled with one `torch.cat`, not one copy per tensor.
 
-The combine writes `sum_i w_i g_i` once into the flat output, block by block, as round(w_0 g_0), then
+The gram: each stretch of the k groups is copied into a k x lanes float64 scratch (exact widening). On the
+CPU the scratch is cut into blocks of `CPU_BATCH` lanes and one batched matmul gives every block's k x k
+partial gram (each a small float64 GEMM that one thread computes whole, in the kernel's fixed order); the
+partials are added block-wise into a lanes/CPU_BATCH x k x k accumulator and folded pairwise at the end.
+Products of inputs up to float32 are exact in float64, so each entry is within about
+(CPU_BATCH + numel / lanes + log2 lanes) float64 roundings of its exact value relative to sqrt(K_ii K_jj).
+We measured this 3x faster than the elementwise lane scheme (`gradweight.gram.lanes_gram`, one multiply-add
+per lane and chunk), which stays the GPU's path: the two agree to float64 rounding.
+
+The combine writes `sum_i w_i g_i` once into the flat output, stretch by stretch, as round(w_0 g_0), then
 round(acc + round(w_i g_i)) for each further group: for two groups the seed's `fw * cat(f) + rw * cat(r)`
 bit for bit. Inputs narrower than float32 are summed in float32 and rounded once into the output.
 """
@@ -45,21 +50,101 @@ def _triu(k: int) -> tuple[list[int], list[int]]:
     return rows, cols
 
 
+def flat_runs(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """A group's tensors as flat pieces, in order, with consecutive ones that lie back to back in one
+    storage merged into one view: a group read from a request body is one piece, so its cost does not grow
+    with its tensor count. Empty tensors are dropped."""
+    itemsize = tensors[0].element_size()
+    sizes = [t.numel() for t in tensors]
+    if not all(sizes):
+        tensors = [t for t, n in zip(tensors, sizes) if n]  # an empty view's data_ptr is 0
+        sizes = [n for n in sizes if n]
+    ptrs = [t.data_ptr() for t in tensors]
+    adjacent = [p + n * itemsize == q for p, n, q in zip(ptrs, sizes, ptrs[1:])]
+    if not any(adjacent):
+        return [_flat(t) for t in tensors]
+    runs: list[torch.Tensor] = []
+    i, count = 0, len(tensors)
+    while i < count:
+        j = i + 1
+        head = _flat(tensors[i])
+        if j < count and adjacent[i]:
+            room = head.untyped_storage().nbytes() // itemsize - head.storage_offset()
+            size = sizes[i]
+            while j < count and adjacent[j - 1] and size + sizes[j] <= room:
+                t = tensors[j]
+                if t.dtype != head.dtype or not t.is_contiguous():
+                    break
+                size += sizes[j]
+                j += 1
+            if j > i + 1:
+                head = head.as_strided((size,), (1,))
+        runs.append(head)
+        i = j
+    return runs
+
+
+def chunks(
+    groups: Sequence[Sequence[torch.Tensor]], width: int
+) -> Iterator[tuple[int, int, list[list[torch.Tensor]]]]:
+    """Consecutive stretches of `width` elements of k flat groups (lists of flat pieces of the same total
+    length; the pieces' boundaries may differ from group to group): (start, length, each group's pieces
+    covering the stretch). Only pieces cut by a stretch's edge are sliced."""
+    sizes = [[p.numel() for p in g] for g in groups]
+    total = sum(sizes[0])
+    cursor = [[0, 0] for _ in groups]  # per group: the piece, and the offset within it
+    for start in range(0, total, width):
+        n = min(width, total - start)
+        parts: list[list[torch.Tensor]] = []
+        for pieces, lengths, at in zip(groups, sizes, cursor):
+            i, s = at
+            out, want = [], n
+            while want:
+                left = lengths[i] - s
+                if left <= want:
+                    out.append(pieces[i] if s == 0 else pieces[i][s:])
+                    want -= left
+                    i, s = i + 1, 0
+                else:
+                    out.append(pieces[i][s : s + want])
+                    s += want
+                    want = 0
+            at[0], at[1] = i, s
+            parts.append(out)
+        yield start, n, parts
+
+
+def _fill(dst: torch.Tensor, pieces: list[torch.Tensor], stage: torch.Tensor | None) -> None:
+    """Copy the pieces, end to end, into `dst` (exact: a copy at most widens); `stage`, of the pieces'
+    dtype, takes a multi-piece cat first when `dst` is wider (cat's own widening is about 2x slower)."""
+    if len(pieces) == 1:
+        dst.copy_(pieces[0])
+    elif pieces[0].dtype == dst.dtype or stage is None:
+        torch.cat(pieces, out=dst)
+    else:
+        s = stage[: dst.numel()]
+        torch.cat(pieces, out=s)
+        dst.copy_(s)
+
+
 def gram(groups: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """The k x k gram (float64, CPU) of k groups of tensors, and its diagonal (k,).
 
     A NaN or infinity anywhere in a group makes its diagonal entry non-finite: the caller locates it.
     """
     k = len(groups)
-    first = groups[0]
-    device = first[0].device
-    keys = ([_flat(t) for t in tensors] for tensors in zip(*groups, strict=True))
-    numel = sum(t.numel() for t in first)
-    if device.type == "cpu":
-        upper = _batched_gram(keys, k, numel)
+    runs = [flat_runs(g) for g in groups]
+    first = runs[0][0]
+    if first.device.type == "cpu":
+        upper = _batched_gram(runs)
     else:
-        lanes = lanes_for(k, numel, cuda=True)
-        ops = TorchLanes(lanes, device, exact_products=first[0].dtype != torch.float64)
+        numel = sum(p.numel() for p in runs[0])
+        keys = (
+            [p[0] if len(p) == 1 else torch.cat(p) for p in parts] for _, _, parts in chunks(runs, CUDA_BLOCK)
+        )
+        ops = TorchLanes(
+            lanes_for(k, numel, cuda=True), first.device, exact_products=first.dtype != torch.float64
+        )
         upper = torch.tensor(lanes_gram(keys, k, ops), dtype=torch.float64)
     rows, cols = _triu(k)
     out = torch.zeros(k, k, dtype=torch.float64)
@@ -68,9 +153,11 @@ def gram(groups: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, torch.
     return out, out.diagonal().clone()
 
 
-def _batched_gram(keys: Iterator[list[torch.Tensor]], k: int, numel: int) -> torch.Tensor:
-    """The upper triangle (row by row) of the gram, by the CPU scheme of the module docstring; the lane
-    count depends on k and numel only, never on threads."""
+def _batched_gram(groups: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+    """The upper triangle (row by row) of the gram of k groups of flat pieces, by the CPU scheme of the
+    module docstring; the lane count depends on k and numel only, never on threads."""
+    k = len(groups)
+    numel = sum(p.numel() for p in groups[0])
     cap = min(CPU_LANES, 1 << ((CPU_SCRATCH // k).bit_length() - 1), 1 << max(0, numel - 1).bit_length())
     lanes = max(CPU_BATCH, cap)
     blocks = lanes // CPU_BATCH
@@ -79,20 +166,13 @@ def _batched_gram(keys: Iterator[list[torch.Tensor]], k: int, numel: int) -> tor
     xt = xb.transpose(1, 2)
     acc = torch.zeros(blocks, k, k, dtype=torch.float64)
     part = torch.empty_like(acc)
-    fill = 0
-    for flats in keys:
-        n = flats[0].numel()
-        s = 0
-        while s < n:
-            take = min(lanes - fill, n - s)
-            for i, f in enumerate(flats):
-                x[i, fill : fill + take].copy_(f[s : s + take])
-            fill, s = fill + take, s + take
-            if fill == lanes:
-                acc.add_(torch.bmm(xb, xt, out=part))
-                fill = 0
-    if fill:
-        x[:, fill:].zero_()
+    dtype = groups[0][0].dtype
+    stage = torch.empty(lanes, dtype=dtype) if dtype != torch.float64 else None
+    for _, n, parts in chunks(groups, lanes):
+        for i, pieces in enumerate(parts):
+            _fill(x[i, :n], pieces, stage)
+        if n < lanes:
+            x[:, n:].zero_()
         acc.add_(torch.bmm(xb, xt, out=part))
     width = blocks
     while width > 1:
@@ -113,50 +193,39 @@ def combine(
     """
     in_dtype = groups[0][0].dtype
     work = torch.promote_types(torch.promote_types(in_dtype, out.dtype), torch.float32)
-    direct = work == out.dtype
     block = CUDA_BLOCK if out.device.type == "cuda" else CPU_BLOCK
-    numel = sum(t.numel() for t in groups[0])
-    size = min(block, numel)
+    runs = [flat_runs(g) for g in groups]
+    size = min(block, out.numel())
     tmp = torch.empty(size, dtype=work, device=out.device) if len(groups) > 1 else None
-    acc = None if direct else torch.empty(size, dtype=work, device=out.device)
-    offset = 0
-    for tensors in zip(*groups, strict=True):
-        flats = [_flat(t) for t in tensors]
-        n = flats[0].numel()
-        for s in range(0, n, block):
-            e = min(n, s + block)
-            o = out[offset + s : offset + e]
-            a = o if acc is None else acc[: e - s]
-            _weighted_sum_into(a, [f[s:e] for f in flats], weights, None if tmp is None else tmp[: e - s])
-            if acc is not None:
-                o.copy_(a)
-        offset += n
+    acc = None if work == out.dtype else torch.empty(size, dtype=work, device=out.device)
+    stage = torch.empty(size, dtype=in_dtype, device=out.device) if in_dtype != work else None
+    for start, n, parts in chunks(runs, block):
+        o = out[start : start + n]
+        a = o if acc is None else acc[:n]
+        _scaled_into(a, parts[0], weights[0], stage)
+        for pieces, w in zip(parts[1:], weights[1:]):
+            if w == 1.0 and len(pieces) == 1 and pieces[0].dtype == a.dtype:
+                a.add_(pieces[0])
+                continue
+            assert tmp is not None
+            t = tmp[:n]
+            _scaled_into(t, pieces, w, stage)
+            a.add_(t)
+        if acc is not None:
+            o.copy_(a)
     return out
 
 
-def _weighted_sum_into(
-    o: torch.Tensor, xs: Sequence[torch.Tensor], ws: Sequence[float], tmp: torch.Tensor | None
+def _scaled_into(
+    o: torch.Tensor, pieces: list[torch.Tensor], w: float, stage: torch.Tensor | None
 ) -> None:
-    """o = round(w_0 x_0), then o = round(o + round(w_i x_i)): the seed's rounding, in o's dtype."""
-    _scaled_into(o, xs[0], ws[0])
-    for x, w in zip(xs[1:], ws[1:]):
-        if w == 1.0 and x.dtype == o.dtype:
-            o.add_(x)
-            continue
-        assert tmp is not None
-        _scaled_into(tmp, x, w)
-        o.add_(tmp)
-
-
-def _scaled_into(o: torch.Tensor, x: torch.Tensor, w: float) -> None:
-    if x.dtype != o.dtype:
-        o.copy_(x)
-        if w != 1.0:
-            o.mul_(w)
-    elif w == 1.0:
-        o.copy_(x)
-    else:
-        torch.mul(x, w, out=o)
+    """o = round(w x), x the pieces end to end: the seed's `w * cat(x)`, in o's dtype."""
+    if len(pieces) == 1 and pieces[0].dtype == o.dtype and w != 1.0:
+        torch.mul(pieces[0], w, out=o)
+        return
+    _fill(o, pieces, stage)
+    if w != 1.0:
+        o.mul_(w)
 
 
 def has_non_finite(t: torch.Tensor) -> bool:

@@ -11,38 +11,46 @@ FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_groups(groups: Mapping[str, Sequence[torch.Tensor]], keys: Sequence[str]) -> torch.dtype:
-    """Raise InvalidGradients unless every group has the same keys and shapes in one float dtype;
-    return that dtype."""
+    """Raise InvalidGradients unless every group has the same keys and shapes in one float dtype on one
+    device; return that dtype. Whole-group comparisons first (a few C-level passes for hundreds of
+    tensors); the key-by-key search only runs to name the culprit of an error."""
     if not groups:
         raise InvalidGradients("no gradient groups given")
     n_keys = len(keys)
-    dtype: torch.dtype | None = None
-    device: torch.device | None = None
-    reference: Sequence[torch.Tensor] | None = None
+    first = next(iter(groups.values()))
+    if len(first) == 0:
+        raise InvalidGradients(f"group {next(iter(groups))!r} is empty")
+    dtype, device = first[0].dtype, first[0].device
+    reference: list[torch.Size] | None = None
     for name, tensors in groups.items():
         if len(tensors) == 0:
             raise InvalidGradients(f"group {name!r} is empty")
         if len(tensors) != n_keys:
             raise InvalidGradients(f"group {name!r} has {len(tensors)} tensors, expected {n_keys}")
-        for key, t in zip(keys, tensors):
-            if t.dtype not in FLOATS:
-                raise InvalidGradients(f"group {name!r} key {key!r}: dtype {t.dtype} is not a float type")
-            if dtype is None:
-                dtype, device = t.dtype, t.device
-            elif t.dtype != dtype:
-                raise InvalidGradients(f"group {name!r} key {key!r}: dtype {t.dtype} differs from {dtype}")
-            elif t.device != device:
-                raise InvalidGradients(f"group {name!r} key {key!r}: on {t.device}, others on {device}")
+        if {t.dtype for t in tensors} != {dtype} or {t.device for t in tensors} != {device}:
+            _name_dtype_or_device(name, tensors, keys, dtype, device)
+        shapes = [t.shape for t in tensors]
         if reference is None:
-            reference = tensors
-            continue
-        for key, a, b in zip(keys, reference, tensors):
-            if a.shape != b.shape:
-                raise InvalidGradients(
-                    f"key {key!r}: shape {tuple(b.shape)} in group {name!r} differs from {tuple(a.shape)}"
-                )
-    assert dtype is not None
-    assert reference is not None
-    if sum(t.numel() for t in reference) == 0:
+            reference = shapes
+        elif shapes != reference:
+            key, a, b = next((k, a, b) for k, a, b in zip(keys, reference, shapes) if a != b)
+            raise InvalidGradients(f"key {key!r}: shape {tuple(b)} in group {name!r} differs from {tuple(a)}")
+    if dtype not in FLOATS:
+        raise InvalidGradients(
+            f"group {next(iter(groups))!r} key {keys[0]!r}: dtype {dtype} is not a float type"
+        )
+    if sum(t.numel() for t in first) == 0:
         raise InvalidGradients("the gradients have no elements")
     return dtype
+
+
+def _name_dtype_or_device(
+    name: str, tensors: Sequence[torch.Tensor], keys: Sequence[str], dtype: torch.dtype, device: torch.device
+) -> None:
+    for key, t in zip(keys, tensors):
+        if t.dtype not in FLOATS:
+            raise InvalidGradients(f"group {name!r} key {key!r}: dtype {t.dtype} is not a float type")
+        if t.dtype != dtype:
+            raise InvalidGradients(f"group {name!r} key {key!r}: dtype {t.dtype} differs from {dtype}")
+        if t.device != device:
+            raise InvalidGradients(f"group {name!r} key {key!r}: on {t.device}, others on {device}")

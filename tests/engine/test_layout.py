@@ -1,0 +1,102 @@
+"""The passes give the same bytes however a group's tensors lie in memory, and merge only what is adjacent.
+
+A request body's group is one stretch of memory; an in-process trainer's gradients are separate tensors; a
+body written by `safetensors.torch.save` has its keys in name order ("0", "1", "10", ...), not in the
+engine's order. The gram and the combine fill the same lanes in the same order in all three cases.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from gradweight.methods import Munba, Simple
+from gradweight_server.engine import run
+from gradweight_server.engine.passes import chunks, flat_runs
+
+SHAPES = [(4, 320), (320, 4), (7,), (0,), (3, 5, 11), (70_001,), (1,), (2, 64_000), (9, 9), (5,), (6, 2)]
+SHAPES += [(3,)]
+
+
+def scattered(seed: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in SHAPES]
+
+
+def packed(tensors: list[torch.Tensor], order: list[int]) -> list[torch.Tensor]:
+    """The tensors copied into one buffer in `order`, handed back as views in their own order."""
+    buf = torch.cat([tensors[i].reshape(-1) for i in order])
+    views: list[torch.Tensor | None] = [None] * len(tensors)
+    at = 0
+    for i in order:
+        n = tensors[i].numel()
+        views[i] = buf[at : at + n].view(tensors[i].shape)
+        at += n
+    return [v for v in views if v is not None]
+
+
+def by_name(n: int) -> list[int]:
+    return sorted(range(n), key=str)
+
+
+def fingerprint(spec: Any, g: dict[str, list[torch.Tensor]]) -> tuple[Any, ...]:
+    out = run(spec, g)
+    return out.weights, out.gram, out.flat.view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize("spec", [Munba(), Simple(forget_weight=0.3, retain_weight=1.7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_same_bytes_for_every_layout(spec: Any, dtype: torch.dtype) -> None:
+    f, r = scattered(0, dtype), scattered(1, dtype)
+    n = len(SHAPES)
+    want = fingerprint(spec, {"forget": f, "retain": r})
+    for order in (list(range(n)), by_name(n), list(reversed(range(n)))):
+        got = fingerprint(spec, {"forget": packed(f, order), "retain": packed(r, order)})
+        assert got == want, order
+    mixed = fingerprint(spec, {"forget": packed(f, list(range(n))), "retain": r})
+    assert mixed == want
+
+
+def test_a_body_group_is_one_run_and_a_name_ordered_one_is_not() -> None:
+    f = scattered(0)
+    n = len(SHAPES)
+    runs = flat_runs(packed(f, list(range(n))))
+    assert len(runs) == 1
+    assert runs[0].numel() == sum(t.numel() for t in f)
+    assert len(flat_runs(f)) == n - 1  # the empty tensor is dropped
+    shuffled = flat_runs(packed(f, by_name(n)))
+    assert 1 < len(shuffled) < n
+    assert torch.equal(torch.cat(shuffled), torch.cat([t.reshape(-1) for t in f]))
+
+
+def test_views_that_only_look_adjacent_are_not_merged() -> None:
+    buf = torch.arange(24, dtype=torch.float32)
+    m = buf.view(4, 6)
+    t = m.t()  # transposed view, not contiguous: its memory order is not its element order
+    assert [x.tolist() for x in flat_runs([buf[:0], t])] == [t.reshape(-1).tolist()]
+    a, b = buf[:12], buf[12:].view(3, 4).t()  # adjacent pointer, but b is not contiguous
+    runs = flat_runs([a, b])
+    assert len(runs) == 2
+    assert torch.equal(torch.cat(runs), torch.cat([a, b.reshape(-1)]))
+    wide = torch.arange(4, dtype=torch.float64)
+    narrow = wide.view(torch.float32)  # the same bytes under another dtype is a different tensor
+    assert len(flat_runs([narrow[:4], narrow[4:]])) == 1
+    other = torch.arange(4, dtype=torch.float32)
+    assert len(flat_runs([other[:2], torch.arange(2, dtype=torch.float32)])) == 2
+
+
+@pytest.mark.parametrize("width", [1, 5, 64, 1 << 16])
+def test_chunks_cover_every_element_once_in_order(width: int) -> None:
+    f, r = scattered(0), scattered(1)
+    groups = [flat_runs(packed(f, list(range(len(SHAPES))))), flat_runs(r)]
+    total = sum(t.numel() for t in f)
+    seen = 0
+    for start, n, parts in chunks(groups, width):
+        assert start == seen
+        assert 0 < n <= width
+        for g, pieces in zip(groups, parts):
+            assert sum(p.numel() for p in pieces) == n
+            assert torch.equal(torch.cat(pieces), torch.cat(g)[start : start + n])
+        seen += n
+    assert seen == total
