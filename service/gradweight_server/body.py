@@ -4,12 +4,16 @@ Memory is committed as the bytes arrive, never from Content-Length alone (two cl
 raised RSS by 1.8 GiB before sending a byte): the buffer grows with the data, unless the pool holds one of
 exactly the declared size from an earlier request, which is reused as is. A body must arrive within
 `body_timeout_s` plus its size at `body_min_rate`, and may not pause longer than `body_timeout_s`.
+A large body of declared length is received straight into the buffer where the server allows it
+(`lend`, body_sink.py), else through the ASGI messages.
 """
 
 from __future__ import annotations
 
 import math
 import mmap
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -18,7 +22,10 @@ from gradweight.errors import MalformedBody, PayloadTooLarge
 from starlette.types import Receive
 
 from .admission import Reservation
+from .body_sink import BodySink
 from .pool import Buffer, BufferPool, Lease
+
+Lend = Callable[[memoryview, int], BodySink | None]
 
 # Bytes of host memory a body byte may cost: the body, plus the reply (a combine's result is at most half a
 # pair's body, in the input dtype) for binary bodies, or the Python objects JSON text parses into (`[[],..]`
@@ -27,6 +34,7 @@ HELD_PER_BODY_BYTE = 1.5
 HELD_PER_JSON_BYTE = 32.0
 SMALL_BODY = 1 << 20
 SMALL_TEXT = 64 * 1024
+LEND_FROM = 256 * 1024  # below this the ASGI path costs less than lending the transport
 
 
 class ClientGone(Exception):
@@ -63,10 +71,25 @@ async def read_body(
     *,
     timeout_s: float,
     min_rate: int,
+    lend: Lend | None = None,
 ) -> Lease:
-    """The whole body in one leased buffer, read straight from the ASGI channel (no Starlette copies)."""
+    """The whole body in one leased buffer, read straight from the ASGI channel (no Starlette copies),
+    or from the socket by a BodySink when `lend` gives one."""
     lease = pool.reuse(info.declared) if info.declared and info.kind is not BodyKind.JSON else None
     try:
+        lendable = info.kind is not BodyKind.JSON and (info.declared or 0) >= LEND_FROM
+        if lend is not None and info.declared is not None and lendable:
+            buf = lease.buffer if lease is not None else _fresh(info)
+            view = memoryview(buf)  # the sink's from here on: it releases it
+            sink = lend(view, info.declared)
+            if sink is None:
+                view.release()
+            else:
+                if await _sunk(sink, timeout_s, info.declared / min_rate):
+                    return lease if lease is not None else pool.adopt(buf)
+                raise _late(timeout_s, min_rate)
+            if lease is None:
+                _close(buf)
         with anyio.CancelScope() as scope:
             return await _read(receive, info, reservation, pool, lease, scope, timeout_s, min_rate)
     except BaseException:
@@ -75,10 +98,40 @@ async def read_body(
         raise
     if lease is not None:
         lease.close()
-    raise MalformedBody(
+    raise _late(timeout_s, min_rate)
+
+
+def _late(timeout_s: float, min_rate: int) -> MalformedBody:
+    return MalformedBody(
         f"the body did not arrive in time: it may pause at most {timeout_s:g} s and must come "
         f"at {min_rate} bytes/s or faster; the request was dropped"
     )
+
+
+async def _sunk(sink: BodySink, timeout_s: float, transfer_s: float) -> bool:
+    """Wait for the sink: True once the body is whole; False past the deadlines (no byte for
+    `timeout_s`, or not whole `timeout_s + transfer_s` after the start). Wakes only at those deadlines,
+    not per read. ClientGone when the connection drops."""
+    overall = time.monotonic() + timeout_s + transfer_s
+    try:
+        while not sink.done.is_set():
+            limit = min(sink.last + timeout_s, overall)
+            wait = limit - time.monotonic()
+            if wait <= 0:
+                return False
+            with anyio.move_on_after(wait):
+                await sink.done.wait()
+    finally:
+        if not sink.done.is_set():
+            sink.abandon()
+    if not sink.received:
+        raise ClientGone
+    return True
+
+
+def _close(buf: Buffer) -> None:
+    if isinstance(buf, mmap.mmap):
+        buf.close()
 
 
 async def _read(

@@ -8,7 +8,8 @@ counter per read and the event loop never parses more than `max_http_header_byte
 - a connection that has not sent a whole header block `header_timeout_s` after it opened (or after its last
   reply) is closed, with 408 when it had started one;
 - past `max_connections` the oldest idle connection is closed to make room, so `/healthz` still answers;
-- the app gets `abort` in the scope's extensions to drop a connection whose client stopped reading.
+- the app gets `abort` in the scope's extensions to drop a connection whose client stopped reading, and
+  `body_sink` to receive an admitted body straight into its buffer (body_sink.py).
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ import httptools
 from gradweight.errors import APIError, HeadersTooLarge, Overloaded, RequestTimeout
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from .body_sink import BodySink
 from .settings import Settings
 
 ABORT = "gradweight.abort"
+SINK = "gradweight.body_sink"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class _TooManyHeaders(Exception):
@@ -160,6 +164,33 @@ class GuardedProtocol(HttpToolsProtocol):
         extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
         extensions[ABORT] = self.transport.abort
         super().on_headers_complete()
+        cycle = self.cycle
+        extensions[SINK] = lambda view, end: self._lend(cycle, view, end)
+
+    def _lend(self, cycle: Any, view: memoryview, end: int) -> BodySink | None:
+        """Lend the transport to a BodySink for the rest of `cycle`'s body (`end` bytes in all), after
+        moving what uvicorn already buffered into `view`; None when the body is already whole (it is
+        then read as usual) or the request is not the one being read."""
+        if cycle is not self.cycle or not cycle.more_body or self.pipeline or self.transport.is_closing():
+            return None
+        if cycle.waiting_for_100_continue:
+            self.transport.write(CONTINUE)
+            cycle.waiting_for_100_continue = False
+        held = len(cycle.body)
+        if held >= end:
+            return None
+        view[:held] = cycle.body
+        cycle.body = bytearray()
+        self.flow.resume_reading()
+        return BodySink(self, view, held, end)
+
+    def body_complete(self) -> None:
+        """The sink read the body's last byte: the parser, which never saw those bytes, starts afresh."""
+        self.parser = httptools.HttpRequestParser(self)
+        self.in_head = True
+        if self.cycle is not None:
+            self.cycle.more_body = False
+            self.cycle.message_event.set()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

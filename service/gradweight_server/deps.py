@@ -22,6 +22,7 @@ from gradweight.errors import (
 )
 
 from .body import BodyInfo, BodyKind, read_body
+from .connection import SINK
 from .pool import Buffer, Lease
 from .record import RequestRecord
 from .runtime import Runtime
@@ -37,13 +38,20 @@ def get_settings(request: Request) -> Settings:
     return get_runtime(request).settings
 
 
-def get_record(request: Request) -> RequestRecord:
+async def get_record(request: Request) -> RequestRecord:
+    return record_of(request)
+
+
+def record_of(request: Request) -> RequestRecord:
     record: RequestRecord = request.state.record
     return record
 
 
-def require_token(request: Request) -> None:
-    """Constant-time comparison so the token cannot be guessed byte by byte from response times."""
+async def require_token(request: Request) -> None:
+    """Constant-time comparison so the token cannot be guessed byte by byte from response times.
+
+    The dependencies are coroutines: FastAPI runs a plain function dependency in a worker thread, a
+    thread hop per dependency and request (most of a small request's fixed cost)."""
     token = get_settings(request).token
     if token is None:
         return
@@ -54,7 +62,11 @@ def require_token(request: Request) -> None:
         raise Unauthorized("this server needs `Authorization: Bearer <token>`")
 
 
-def require_ready(request: Request) -> None:
+async def require_ready(request: Request) -> None:
+    check_ready(request)
+
+
+def check_ready(request: Request) -> None:
     if not get_runtime(request).ready:
         raise NotReady("the device is still warming up", retry_after=get_settings(request).retry_after_s)
 
@@ -114,17 +126,21 @@ def read_body_of(kinds: frozenset[BodyKind]) -> Callable[..., Coroutine[Any, Any
     ) -> Body:
         runtime = get_runtime(request)
         settings = runtime.settings
-        record = get_record(request)
+        record = record_of(request)
         info = body_info(request, kinds)
         record.reservation = runtime.admission.admit(info.estimate(info.declared or 0))
-        lease = await read_body(
-            request.receive,
-            info,
-            record.reservation,
-            runtime.pool,
-            timeout_s=settings.body_timeout_s,
-            min_rate=settings.body_min_rate,
-        )
+        with record.stage("receive"):
+            lease = await read_body(
+                request.receive,
+                info,
+                record.reservation,
+                runtime.pool,
+                timeout_s=settings.body_timeout_s,
+                min_rate=settings.body_min_rate,
+                lend=request.scope.get("extensions", {}).get(SINK),
+            )
+        record.bytes_in = max(record.bytes_in, len(lease.buffer))  # a lent body bypasses the messages
+        record.body_done = True
         return Body(info, record.hold(lease))
 
     return dependency

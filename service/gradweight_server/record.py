@@ -16,7 +16,7 @@ from typing import Any
 from .admission import Reservation
 from .pool import Lease
 
-STAGES = ("decode", "compute", "encode")
+STAGES = ("receive", "decode", "compute", "encode")
 
 
 @dataclass
@@ -35,7 +35,7 @@ class RequestRecord:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Add the time spent in the block to stage `name` (decode, compute or encode)."""
+        """Add the time spent in the block to stage `name` (one of STAGES)."""
         t0 = time.perf_counter()
         try:
             yield

@@ -71,9 +71,12 @@ class Runtime:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    async def compute(self, job: Callable[[], T]) -> T:
+    async def compute(self, job: Callable[[], T], *, inline: bool = False) -> T:
         """Run `job` on the compute thread while holding a compute slot; running out of memory there
-        answers 503 device-out-of-memory and leaves the server up."""
+        answers 503 device-out-of-memory and leaves the server up. An `inline` job (microseconds of work
+        on a few numbers) runs on the event loop: the hop to the thread and back would cost more."""
+        if inline:
+            return self._out_of_memory_mapped(job)
         async with self.admission.compute_slot(self.settings.body_timeout_s):
             return await self.in_worker(lambda: self._out_of_memory_mapped(job))
 

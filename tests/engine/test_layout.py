@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 import torch
+from gradweight.blocks import chunks, flat_runs
 from gradweight.methods import Munba, Simple
 from gradweight_server.engine import run
-from gradweight_server.engine.passes import chunks, flat_runs
 
 SHAPES = [(4, 320), (320, 4), (7,), (0,), (3, 5, 11), (70_001,), (1,), (2, 64_000), (9, 9), (5,), (6, 2)]
 SHAPES += [(3,)]

@@ -79,7 +79,7 @@ def test_result_equals_engine(live_server, form, layout, spec):
     assert json.loads(meta["weights"]) == weights
     assert json.loads(meta["method"]) == parse_method(spec).model_dump(mode="json")
     assert meta["device"] == "cpu"
-    assert set(json.loads(meta["timing"])) == {"decode_ms", "compute_ms", "encode_ms"}
+    assert set(json.loads(meta["timing"])) == {"receive_ms", "decode_ms", "compute_ms", "encode_ms"}
     assert ("gram" in meta) == parse_method(spec).needs_gram
 
 

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from gradweight.blocks import flat_runs
 from gradweight.errors import Degenerate, InvalidGradients, NonFinite
 from gradweight.methods import MethodSpec
 
 from .methods import aggregate, solve
-from .passes import combine, flat_runs, gram, has_non_finite
+from .passes import combine, gram, has_non_finite
 from .validate import check_groups
 
 

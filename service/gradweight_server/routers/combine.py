@@ -53,7 +53,7 @@ class CombineQuery:
     as_json: bool
 
 
-def combine_query(
+async def combine_query(
     request: Request,
     method: Annotated[str | None, Query(description='Shorthand for {"name": method}')] = None,
     layout: Annotated[

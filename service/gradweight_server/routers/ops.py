@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..deps import get_runtime, require_ready
+from ..deps import check_ready, get_runtime
 
 router = APIRouter(tags=["ops"])
 
@@ -20,7 +20,7 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz")
 @router.head("/readyz", include_in_schema=False)
 async def readyz(request: Request) -> dict[str, str]:
-    require_ready(request)
+    check_ready(request)
     return {"status": "ready", "device": str(get_runtime(request).device)}
 
 

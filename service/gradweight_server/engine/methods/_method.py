@@ -41,6 +41,9 @@ class Method:
     """The torchjd 0.18 class the method adapts or reproduces (the oracle the tests compare with)."""
     permutation_invariant: bool = True
     """Reordering the groups reorders the weights and leaves the combined gradient unchanged."""
+    closed_form: bool = False
+    """Its weights are a formula of a small gram (microseconds): POST /v1/weights computes them on the
+    event loop rather than pay the hop to the compute thread (about half a millisecond)."""
     warm_up: Mapping[str, Any] = field(default_factory=dict)
     """Options for the warm-up call: the required ones, which have no default to warm up with."""
     unavailable: str | None = None

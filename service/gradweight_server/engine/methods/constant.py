@@ -23,5 +23,9 @@ def weights(
 
 
 METHOD = Method(
-    Constant, weights=weights, torchjd="Constant", warm_up={"weights": {"a": 1.0, "b": 0.5, "c": 2.0}}
+    Constant,
+    weights=weights,
+    closed_form=True,
+    torchjd="Constant",
+    warm_up={"weights": {"a": 1.0, "b": 0.5, "c": 2.0}},
 )

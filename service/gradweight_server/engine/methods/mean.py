@@ -18,4 +18,4 @@ def weights(
     return torch.full((k,), 1.0 / k, dtype=torch.float64), None
 
 
-METHOD = Method(Mean, weights=weights, torchjd="MeanWeighting")
+METHOD = Method(Mean, weights=weights, closed_form=True, torchjd="MeanWeighting")

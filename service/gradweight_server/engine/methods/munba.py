@@ -39,4 +39,4 @@ def weights(
     return torch.tensor([a_r, a_f], dtype=torch.float64), None
 
 
-METHOD = Method(Munba, weights=weights, permutation_invariant=False)
+METHOD = Method(Munba, weights=weights, closed_form=True, permutation_invariant=False)

@@ -17,4 +17,4 @@ def weights(
     return torch.tensor([1.0 if n == "forget" else 0.0 for n in names], dtype=torch.float64), None
 
 
-METHOD = Method(NoWeighting, weights=weights, permutation_invariant=False)
+METHOD = Method(NoWeighting, weights=weights, closed_form=True, permutation_invariant=False)

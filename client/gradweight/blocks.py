@@ -1,0 +1,138 @@
+"""The torch side of the blocked passes, shared by the server's engine and gram mode's host gram.
+
+A group of gradients is reduced to its flat runs (`flat_runs`): consecutive tensors that lie back to back
+in one storage become one view, so a group read from a request body, or a trainer's flat gradient bucket,
+costs a few calls whatever its tensor count. The groups are then walked in stretches of a fixed width
+(`chunks`); a stretch spanning many small tensors is filled with one `torch.cat`, not one copy per tensor.
+
+`blocked_gram` is the CPU gram: each stretch of the k groups is copied into a k x lanes float64 scratch
+(exact widening), cut into blocks of `BATCH` lanes, and one batched matmul gives every block's k x k partial
+gram (each a small float64 GEMM that one thread computes whole, in the kernel's fixed order); the partials
+are added block-wise and folded pairwise at the end. Products of inputs up to float32 are exact in float64,
+so each entry is within about (BATCH + numel / lanes + log2 lanes) float64 roundings of its exact value
+relative to sqrt(K_ii K_jj); the lane count depends on k and numel only, never on threads, and the bytes
+do not depend on how the tensors lie in memory. Measured 3x faster than the elementwise lane scheme
+(`gram.lanes_gram`, which stays the GPU's path); the two agree to float64 rounding.
+
+Imported only where torch is installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+LANES = 1 << 16  # k = 2: 1 MiB of float64 scratch; fewer lanes for more groups (SCRATCH)
+SCRATCH = 1 << 17  # lanes x k at most
+BATCH = 1 << 10  # the GEMM's reduction length per block
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1)
+
+
+def flat_runs(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """A group's tensors as flat pieces, in order, with consecutive ones that lie back to back in one
+    storage merged into one view: a group read from a request body is one piece, so its cost does not grow
+    with its tensor count. Empty tensors are dropped."""
+    itemsize = tensors[0].element_size()
+    sizes = [t.numel() for t in tensors]
+    if not all(sizes):
+        tensors = [t for t, n in zip(tensors, sizes) if n]  # an empty view's data_ptr is 0
+        sizes = [n for n in sizes if n]
+    ptrs = [t.data_ptr() for t in tensors]
+    adjacent = [p + n * itemsize == q for p, n, q in zip(ptrs, sizes, ptrs[1:])]
+    if not any(adjacent):
+        return [_flat(t) for t in tensors]
+    runs: list[torch.Tensor] = []
+    i, count = 0, len(tensors)
+    while i < count:
+        j = i + 1
+        head = _flat(tensors[i])
+        if j < count and adjacent[i]:
+            room = head.untyped_storage().nbytes() // itemsize - head.storage_offset()
+            size = sizes[i]
+            while j < count and adjacent[j - 1] and size + sizes[j] <= room:
+                t = tensors[j]
+                if t.dtype != head.dtype or not t.is_contiguous():
+                    break
+                size += sizes[j]
+                j += 1
+            if j > i + 1:
+                head = head.as_strided((size,), (1,))
+        runs.append(head)
+        i = j
+    return runs
+
+
+def chunks(
+    groups: Sequence[Sequence[torch.Tensor]], width: int
+) -> Iterator[tuple[int, int, list[list[torch.Tensor]]]]:
+    """Consecutive stretches of `width` elements of k flat groups (lists of flat pieces of the same total
+    length; the pieces' boundaries may differ from group to group): (start, length, each group's pieces
+    covering the stretch). Only pieces cut by a stretch's edge are sliced."""
+    sizes = [[p.numel() for p in g] for g in groups]
+    total = sum(sizes[0])
+    cursor = [[0, 0] for _ in groups]  # per group: the piece, and the offset within it
+    for start in range(0, total, width):
+        n = min(width, total - start)
+        parts: list[list[torch.Tensor]] = []
+        for pieces, lengths, at in zip(groups, sizes, cursor):
+            i, s = at
+            out, want = [], n
+            while want:
+                left = lengths[i] - s
+                if left <= want:
+                    out.append(pieces[i] if s == 0 else pieces[i][s:])
+                    want -= left
+                    i, s = i + 1, 0
+                else:
+                    out.append(pieces[i][s : s + want])
+                    s += want
+                    want = 0
+            at[0], at[1] = i, s
+            parts.append(out)
+        yield start, n, parts
+
+
+def fill(dst: torch.Tensor, pieces: list[torch.Tensor], stage: torch.Tensor | None) -> None:
+    """Copy the pieces, end to end, into `dst` (exact: a copy at most widens); `stage`, of the pieces'
+    dtype, takes a multi-piece cat first when `dst` is wider (cat's own widening is about 2x slower)."""
+    if len(pieces) == 1:
+        dst.copy_(pieces[0])
+    elif pieces[0].dtype == dst.dtype or stage is None:
+        torch.cat(pieces, out=dst)
+    else:
+        s = stage[: dst.numel()]
+        torch.cat(pieces, out=s)
+        dst.copy_(s)
+
+
+def blocked_gram(groups: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+    """The upper triangle (row by row, float64) of the gram of k groups of flat pieces (`flat_runs`)."""
+    k = len(groups)
+    numel = sum(p.numel() for p in groups[0])
+    cap = min(LANES, 1 << ((SCRATCH // k).bit_length() - 1), 1 << max(0, numel - 1).bit_length())
+    lanes = max(BATCH, cap)
+    blocks = lanes // BATCH
+    x = torch.empty(k, lanes, dtype=torch.float64)
+    xb = x.view(k, blocks, BATCH).transpose(0, 1)
+    xt = xb.transpose(1, 2)
+    acc = torch.zeros(blocks, k, k, dtype=torch.float64)
+    part = torch.empty_like(acc)
+    dtype = groups[0][0].dtype
+    stage = torch.empty(lanes, dtype=dtype) if dtype != torch.float64 else None
+    for _, n, parts in chunks(groups, lanes):
+        for i, pieces in enumerate(parts):
+            fill(x[i, :n], pieces, stage)
+        if n < lanes:
+            x[:, n:].zero_()
+        acc.add_(torch.bmm(xb, xt, out=part))
+    width = blocks
+    while width > 1:
+        half = width // 2
+        acc[:half].add_(acc[half:width])
+        width = half
+    rows, cols = torch.triu_indices(k, k)
+    return acc[0][rows, cols]
