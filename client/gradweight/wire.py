@@ -13,7 +13,8 @@ import math
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from operator import itemgetter
+from typing import Any, NamedTuple
 
 from .errors import MalformedBody
 
@@ -44,9 +45,9 @@ TAG_BY_NAME: dict[str, str] = {v[1]: k for k, v in DTYPES.items()}
 FLOAT_NAMES: tuple[str, ...] = tuple(DTYPES[t][1] for t in FLOAT_DTYPES)
 
 
-@dataclass(frozen=True, slots=True)
-class TensorInfo:
-    """One tensor of a safetensors file; `begin`/`end` are absolute byte offsets into the file."""
+class TensorInfo(NamedTuple):
+    """One tensor of a safetensors file; `begin`/`end` are absolute byte offsets into the file. A named
+    tuple: a header has one per tensor and a frozen dataclass costs several times more to make."""
 
     name: str
     dtype: str
@@ -116,7 +117,7 @@ def parse_header(raw: bytes | memoryview, total_size: int | None, *, max_tensors
     infos: list[TensorInfo] = []
     for name, entry in obj.items():
         infos.append(_tensor_info(name, entry, data_start))
-    infos.sort(key=lambda t: (t.begin, t.end))
+    infos.sort(key=itemgetter(3, 4))  # (begin, end)
     cursor = data_start
     for t in infos:
         if t.begin != cursor:
@@ -133,6 +134,25 @@ def parse_header(raw: bytes | memoryview, total_size: int | None, *, max_tensors
 
 
 def _tensor_info(name: str, entry: Any, data_start: int) -> TensorInfo:
+    """The entry checked; the common well-formed case in a few operations, anything else by `_checked`."""
+    if type(entry) is dict and len(entry) == 3:
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if type(dtype) is str and type(shape) is list and type(offsets) is list and len(offsets) == 2:
+            spec = DTYPES.get(dtype)
+            b, e = offsets
+            if spec is not None and type(b) is int and type(e) is int and 0 <= b <= e and len(shape) <= 64:
+                nbytes = spec[0]
+                for d in shape:
+                    if type(d) is not int or d < 0:
+                        break
+                    nbytes *= d
+                else:
+                    if nbytes == e - b:
+                        return TensorInfo(name, dtype, tuple(shape), data_start + b, data_start + e)
+    return _checked(name, entry, data_start)
+
+
+def _checked(name: str, entry: Any, data_start: int) -> TensorInfo:
     short = name[:80]
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise MalformedBody(f"safetensors: entry {short!r} needs exactly dtype, shape and data_offsets")

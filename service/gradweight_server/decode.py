@@ -11,7 +11,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from gradweight import wire
@@ -28,8 +28,7 @@ JSON_FIELDS = frozenset({"method", "forget", "retain", "groups", "state"})
 TEXT_PARTS = ("method", "groups", "state", "order")
 
 
-@dataclass(frozen=True, slots=True)
-class Span:
+class Span(NamedTuple):
     """A tensor still lying in the request buffer at absolute bytes [begin, end)."""
 
     dtype: str
@@ -87,9 +86,14 @@ def parse_safetensors(
     parsed = Parsed(buf, n_tensors=len(header.tensors))
     for t in header.tensors:
         group, sep, key = t.name.partition("/")
-        if not sep or not key or not GROUP_NAME.match(group):
+        spans = parsed.tensors.get(group)
+        if spans is None:
+            if not sep or not GROUP_NAME.match(group):
+                raise MalformedBody(f"tensor name {t.name[:80]!r} is not <group>/<key>")
+            spans = parsed.tensors[group] = {}
+        if not key:
             raise MalformedBody(f"tensor name {t.name[:80]!r} is not <group>/<key>")
-        parsed.tensors.setdefault(group, {})[key] = Span(t.dtype, t.shape, t.begin, t.end)
+        spans[key] = Span(t.dtype, t.shape, t.begin, t.end)
     meta = header.metadata
     parsed.method = meta.get("method")
     parsed.groups = _group_list(_json_text(meta.get("groups"), "groups"))

@@ -1,8 +1,9 @@
 """Parsed bodies -> the engine's tensor groups: PROTOCOL.md's rules on groups, keys and order, then views.
 
-Each tensor is a view of the request buffer on CPU, or of one host-to-device copy of its data region on
-CUDA. The rules checked here are the wire's (group names, keys, order, one float dtype to view the bytes
-as); shapes and dtypes beyond that are checked once, by the engine (`engine/validate.py`), for every caller.
+Each tensor is a flat view of the request buffer on CPU, or of one host-to-device copy of its data region
+on CUDA: the engine works on flat tensors, and the shapes travel beside them for the reply's layout. The
+rules checked here are the wire's (group names, keys, order, shapes that agree between groups, one float
+dtype to view the bytes as); the engine (`engine/validate.py`) checks the rest, for every caller.
 """
 
 from __future__ import annotations
@@ -61,22 +62,36 @@ def assemble(parsed: Parsed, device: torch.device) -> Assembled:
             diff = sorted(set(first) ^ set(other))[0]
             raise InvalidGradients(f"groups {names[0]!r} and {g!r} differ in their keys (e.g. {diff[:80]!r})")
     keys = _ordered_keys(list(first), parsed.order)
-    dtypes = {_dtype_of(src, g, k) for g in names for k, src in present[g].items()}
-    if len(dtypes) > 1:
-        raise InvalidGradients(f"mixed dtypes {sorted(_name(d) for d in dtypes)}: use one float dtype")
+    dtype = _one_dtype(present, names)
     shapes = [tuple(first[k].shape) for k in keys]
+    for g in names[1:]:
+        theirs = [tuple(present[g][k].shape) for k in keys]
+        if theirs != shapes:
+            key, a, b = next((k, a, b) for k, a, b in zip(keys, shapes, theirs) if a != b)
+            raise InvalidGradients(f"key {key!r}: shape {b} in group {g!r} differs from {a}")
     numel = sum(math.prod(s) for s in shapes)
     if numel == 0:
         raise InvalidGradients("the gradients have no elements")
     views = _views(parsed, names, device)
     groups = {
         g: [
-            src.to(device) if isinstance(src, torch.Tensor) else views[src.begin]
+            src.reshape(-1).to(device) if isinstance(src, torch.Tensor) else views[src.begin]
             for src in (present[g][k] for k in keys)
         ]
         for g in names
     }
-    return Assembled(groups, keys, shapes, dtypes.pop(), numel)
+    return Assembled(groups, keys, shapes, dtype, numel)
+
+
+def _one_dtype(present: dict[str, dict[str, Source]], names: list[str]) -> torch.dtype:
+    """The one float dtype of every tensor of the groups; InvalidGradients naming a culprit otherwise."""
+    kinds = {src.dtype for g in names for src in present[g].values()}
+    if len(kinds) == 1 and next(iter(kinds)) in TORCH_DTYPES:
+        return TORCH_DTYPES[kinds.pop()]  # type: ignore[index]
+    dtypes = {_dtype_of(src, g, k) for g in names for k, src in present[g].items()}
+    if len(dtypes) > 1:
+        raise InvalidGradients(f"mixed dtypes {sorted(_name(d) for d in dtypes)}: use one float dtype")
+    return dtypes.pop()
 
 
 def _name(dtype: torch.dtype | str) -> str:
@@ -146,8 +161,7 @@ def _cut(
         raw = data[begin:end]
     typed = raw.view(dtype)
     sizes = [(s.end - s.begin) // dtype.itemsize for s in region]
-    pieces = torch.split(typed, sizes)
-    return {s.begin: piece if len(s.shape) == 1 else piece.view(s.shape) for s, piece in zip(region, pieces)}
+    return dict(zip((s.begin for s in region), torch.split(typed, sizes)))
 
 
 def _ordered_keys(keys: list[str], order: list[str] | None) -> list[str]:
