@@ -1,16 +1,21 @@
-"""Service benchmark: our server against the transport ceiling, the in-process engine and a naive server.
+"""Service benchmark: our server against the transport floor, the in-process engine and a naive server.
 
-For 1M, 10M and 50M float32 parameters per group (about 100 tensors per group), in one run:
+Cases: the LoRA step our users send (`--lora`, on by default: 256 tensors of an SD 1.5 UNet's LoRA at rank
+5, 996,480 parameters per group), then 1M, 10M and 50M float32 parameters per group in `--tensors` (100)
+tensors. Bodies are laid out as gradweight's client sends them (each group's tensors back to back, in key
+order). In one run per case:
 - `ours`: gradweight-server (uvicorn, uvloop, httptools) driven by a plain socket client, keep-alive;
-- `raw`: the same request and response bytes over a bare loopback socket (the transport ceiling);
+- `raw`: the same request and response bytes over a bare loopback socket (the transport floor);
 - `engine`: the in-process engine on tensors already in memory (no transport);
 - `naive`: the FastAPI server a user would write first (`await request.body()`, `safetensors.torch.load`,
   the same engine, `safetensors.torch.save`).
-It prints median round-trip seconds, GB/s ((request + response bytes) / time) and, for both servers,
-peak server memory per request byte over idle (VmHWM minus VmRSS before the first request, in a fresh
-server process per size).
+It prints median round-trip seconds, GB/s ((request + response bytes) / time), each row's ratio to the
+floor and, for both servers, peak server memory per request byte over idle (VmHWM minus VmRSS before the
+first request, in a fresh server process per case); then where `ours` spends a request, from the reply's
+`timing` (receive, decode, compute, encode; the rest is routing and the reply's send).
 
-    .venv/bin/python bench/service.py [--sizes 1e6 1e7 5e7] [--repeat 5] [--json out.json]
+    .venv/bin/python bench/service.py [--sizes 1e6 1e7 5e7] [--tensors 100] [--no-lora] [--repeat 5]
+                                      [--json out.json]
 """
 
 from __future__ import annotations
@@ -37,20 +42,30 @@ N_TENSORS = 100
 SPEC = {"name": "munba"}
 
 
-def make_body(numel: int) -> bytes:
-    import safetensors.torch as st
+def sizes_of(numel: int, n_tensors: int) -> list[int]:
+    sizes = [numel // n_tensors] * n_tensors
+    sizes[-1] += numel - sum(sizes)
+    return sizes
+
+
+def make_body(sizes: list[int]) -> bytes:
+    """A /v1/combine body as gradweight's client lays it out: forget's tensors, then retain's, in order."""
     import torch
+    from gradweight.wire import build_header
 
     gen = torch.Generator().manual_seed(0)
-    sizes = [numel // N_TENSORS] * N_TENSORS
-    sizes[-1] += numel - sum(sizes)
-    tensors = {}
-    for i, s in enumerate(sizes):
-        f = torch.randn(s, generator=gen)
-        tensors[f"forget/{i}"] = f
-        tensors[f"retain/{i}"] = torch.randn(s, generator=gen) - 0.3 * f
-    body: bytes = st.save(tensors, metadata={"method": json.dumps(SPEC)})
-    return body
+    forget = [torch.randn(n, generator=gen) for n in sizes]
+    retain = [torch.randn(n, generator=gen) - 0.3 * f for f, n in zip(forget, sizes)]
+    entries = [(f"{g}/{i}", "F32", (n,)) for g in ("forget", "retain") for i, n in enumerate(sizes)]
+    header, _ = build_header(entries, {"method": json.dumps(SPEC)})
+    return header + b"".join(t.numpy().tobytes() for t in forget + retain)
+
+
+def lora_sizes(rank: int = 5) -> list[int]:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from trainer import lora_shapes
+
+    return [a * b for a, b in lora_shapes(rank)]
 
 
 def free_port() -> int:
@@ -138,19 +153,34 @@ def timed(fn: Callable[[], Any], repeat: int) -> float:
     return statistics.median(times)
 
 
+def reply_timing(reply: memoryview) -> dict[str, float]:
+    n = int.from_bytes(reply[:8], "little")
+    timing: dict[str, float] = json.loads(json.loads(bytes(reply[8 : 8 + n]))["__metadata__"]["timing"])
+    return timing
+
+
 def bench_server(
-    cmd: list[str], env: dict[str, str], body: bytes, repeat: int, port: int
-) -> tuple[float, float, int]:
+    cmd: list[str], env: dict[str, str], body: bytes, repeat: int, port: int, stages: bool = False
+) -> tuple[float, float, int, dict[str, float]]:
+    """(median seconds, peak bytes per request byte, reply length, median stage milliseconds)."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_ready(f"http://127.0.0.1:{port}/readyz", proc)
         idle = rss(proc.pid, "VmRSS")
         client = HTTPClient(port)
         reply_len = len(client.post("/v1/combine", body))
-        secs = timed(lambda: client.post("/v1/combine", body), repeat)
+        seen: list[dict[str, float]] = []
+
+        def once() -> None:
+            reply = client.post("/v1/combine", body)
+            if stages:
+                seen.append(reply_timing(reply))
+
+        secs = timed(once, repeat)
         client.close()
         peak = rss(proc.pid, "VmHWM")
-        return secs, (peak - idle) / len(body), reply_len
+        median = {k: statistics.median(t[k] for t in seen) for k in seen[0]} if seen else {}
+        return secs, (peak - idle) / len(body), reply_len, median
     finally:
         proc.terminate()
         proc.wait(30)
@@ -247,6 +277,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sizes", nargs="+", type=float, default=[1e6, 1e7, 5e7])
+    parser.add_argument("--tensors", type=int, default=N_TENSORS, help="tensors per group")
+    parser.add_argument("--no-lora", dest="lora", action="store_false", help="skip the LoRA-shaped case")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--serve-raw", type=int, help=argparse.SUPPRESS)
@@ -267,11 +299,17 @@ def main() -> None:
             log_level="warning",
         )
         return
+    cases = [(f"{len(lora_sizes())} LoRA", lora_sizes())] if args.lora else []
+    cases += [(f"{args.tensors} tensors", sizes_of(int(size), args.tensors)) for size in args.sizes]
     rows = []
-    print(f"{'params/group':>12} {'case':>7} {'seconds':>8} {'GB/s':>6} {'B/B':>5} {'vs naive':>8}")
-    for size in args.sizes:
-        numel = int(size)
-        body = make_body(numel)
+    profiles = []
+    print(
+        f"{'params/group':>12} {'layout':>12} {'case':>7} {'seconds':>8} {'GB/s':>6} {'x floor':>7} "
+        f"{'B/B':>5} {'vs naive':>8}"
+    )
+    for layout, sizes in cases:
+        numel = sum(sizes)
+        body = make_body(sizes)
         env = dict(
             os.environ,
             GRADWEIGHT_DEVICE="cpu",
@@ -280,7 +318,8 @@ def main() -> None:
         )
         port = free_port()
         env["GRADWEIGHT_PORT"] = str(port)
-        ours = bench_server([sys.executable, "-m", "gradweight_server.main"], env, body, args.repeat, port)
+        cmd = [sys.executable, "-m", "gradweight_server.main"]
+        ours = bench_server(cmd, env, body, args.repeat, port, stages=True)
         port = free_port()
         naive = bench_server(
             [sys.executable, __file__, "--serve-naive", str(port)], env, body, args.repeat, port
@@ -288,26 +327,43 @@ def main() -> None:
         raw = bench_raw(body, ours[2], args.repeat)
         engine = bench_engine(body, args.repeat)
         moved = len(body) + ours[2]
-        cases = {
+        cases_ = {
             "ours": (ours[0], ours[1]),
             "naive": (naive[0], naive[1]),
             "raw": (raw, None),
             "engine": (engine, None),
         }
-        for name, (secs, bpb) in cases.items():
+        for name, (secs, bpb) in cases_.items():
             row = {
                 "params_per_group": numel,
+                "layout": layout,
                 "case": name,
                 "seconds": secs,
                 "gb_per_s": moved / secs / 1e9,
+                "x_floor": secs / raw,
                 "bytes_per_request_byte": bpb,
                 "speedup_vs_naive": naive[0] / secs,
             }
             rows.append(row)
             print(
-                f"{numel:>12,} {name:>7} {secs:>8.3f} {row['gb_per_s']:>6.2f} "
-                f"{'' if bpb is None else f'{bpb:.2f}':>5} {row['speedup_vs_naive']:>7.2f}x"
+                f"{numel:>12,} {layout:>12} {name:>7} {secs:>8.4f} {row['gb_per_s']:>6.2f} "
+                f"{row['x_floor']:>6.2f}x {'' if bpb is None else f'{bpb:.2f}':>5} "
+                f"{row['speedup_vs_naive']:>7.2f}x"
             )
+        profiles.append((numel, layout, ours[0], ours[3]))
+    print("\nwhere `ours` spends a request (median ms; rest = routing, reply header and send):")
+    print(
+        f"{'params/group':>12} {'layout':>12} {'total':>8} {'receive':>8} {'decode':>8} {'compute':>8} "
+        f"{'encode':>8} {'rest':>8}"
+    )
+    for numel, layout, secs, t in profiles:
+        total = secs * 1e3
+        parts = [t.get(f"{k}_ms", 0.0) for k in ("receive", "decode", "compute", "encode")]
+        print(
+            f"{numel:>12,} {layout:>12} {total:>8.1f} "
+            + " ".join(f"{v:>8.1f}" for v in parts)
+            + f" {total - sum(parts):>8.1f}"
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)
