@@ -1,8 +1,11 @@
 """Engine benchmark: our gram/combine passes against the seed's implementation and torchjd's UPGrad.
 
-For 1M, 10M and 50M float32 parameters per group (about 100 tensors per group) it prints the median time
-of repeated runs after a warm-up and the peak extra memory (RSS high-water mark over the inputs, measured
-in a fresh subprocess per case), with ratios against ours. `--plot out.png` also draws the table.
+For 1M, 10M and 50M float32 parameters per group (`--tensors`, 100 by default, separate tensors per
+group) it prints the median time of repeated runs after a warm-up and the peak extra memory (RSS
+high-water mark over the inputs, measured in a fresh subprocess per case), with ratios against ours and the
+seed's time over each. `ours`/`ours_into` take the tensors as given (an in-process trainer's separate
+gradients; `_into` writes into a reused output), `ours_body`/`ours_body_into` as views of one buffer per
+group, as the server holds a request body. `--plot out.png` also draws the table.
 Then, per size, the precision and determinism checks: each gram entry's error relative to
 sqrt(K_ii K_jj) against the gram computed in float64 from the same values (ours, and per-tensor float32
 dot products for comparison), and whether the gram and the combined gradient are the same bytes at 1 and
@@ -28,7 +31,7 @@ from typing import Any
 
 import torch
 
-IMPLS = ("ours", "ours_into", "seed", "torchjd_upgrad")
+IMPLS = ("ours", "ours_into", "ours_body", "ours_body_into", "seed", "torchjd_upgrad")
 
 
 def make_lists(numel: int, n_tensors: int, device: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -51,13 +54,21 @@ def seed_munba(forget: list[torch.Tensor], retain: list[torch.Tensor]) -> torch.
     return g.T @ alpha
 
 
+def packed(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors as views of one buffer, back to back: how the server holds a group of a request body."""
+    buf = torch.cat([t.reshape(-1) for t in tensors])
+    return list(torch.split(buf, [t.numel() for t in tensors]))
+
+
 def implementation(name: str, forget: list[torch.Tensor], retain: list[torch.Tensor]) -> Callable[[], Any]:
     if name.startswith("ours"):
         from gradweight.methods import Munba
         from gradweight_server.engine import run
 
+        if "_body" in name:
+            forget, retain = packed(forget), packed(retain)
         groups = {"retain": retain, "forget": forget}
-        if name == "ours":
+        if not name.endswith("_into"):
             return lambda: run(Munba(), groups).flat
         out = torch.empty(sum(t.numel() for t in forget), device=forget[0].device)
         return lambda: run(Munba(), groups, out=out).flat
@@ -210,18 +221,22 @@ def main() -> None:
         f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
         f"tensors/group={args.tensors} repeat={args.repeat} (median ms; peak extra MiB over inputs)"
     )
-    header = f"{'params/group':>12} {'impl':>15} {'ms':>9} {'x ours':>7} {'peak MiB':>9} {'peak/out':>8}"
+    header = (
+        f"{'params/group':>12} {'impl':>15} {'ms':>9} {'x ours':>7} {'seed/x':>7} {'peak MiB':>9} "
+        f"{'peak/out':>8}"
+    )
     print(header)
     print("-" * len(header))
     for row in rows:
         ours = row.get("ours", {}).get("ms", math.nan)
+        seed = row.get("seed", {}).get("ms", math.nan)
         for name in args.impls:
             if name not in row:
                 continue
             r = row[name]
             print(
-                f"{row['numel']:>12,} {name:>15} {r['ms']:>9.1f} {r['ms'] / ours:>7.2f} "
-                f"{r['peak_mb']:>9.1f} {r['peak_mb'] / r['out_mb']:>8.2f}"
+                f"{row['numel']:>12,} {name:>15} {r['ms']:>9.2f} {r['ms'] / ours:>7.2f} "
+                f"{seed / r['ms']:>7.2f} {r['peak_mb']:>9.1f} {r['peak_mb'] / r['out_mb']:>8.2f}"
             )
     if not args.no_checks:
         checks(args.sizes, args.tensors, args.device)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -78,23 +80,69 @@ def _header_size(buf: Buffer | memoryview, max_header: int) -> int:
     return min(int.from_bytes(buf[:8], "little"), max_header) if len(buf) >= 8 else 0
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """What a safetensors header says, shared (read-only) by every request sending the same header bytes."""
+
+    tensors: dict[str, dict[str, Source]]
+    metadata: dict[str, str]
+    end: int
+
+
+class _Layouts:
+    """The last few headers' layouts, keyed by their exact bytes. A trainer sends the same header every
+    step, and parsing and checking 512 entries costs milliseconds; the lookup costs one hash."""
+
+    def __init__(self, size: int, max_bytes: int) -> None:
+        self.size, self.max_bytes = size, max_bytes
+        self._lru: OrderedDict[bytes, _Layout] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, buf: Buffer, max_header: int, max_tensors: int) -> _Layout:
+        n = _header_size(buf, max_header)
+        key = bytes(buf[: 8 + n]) if 8 + n <= self.max_bytes and len(buf) >= 8 + n else None
+        if key is not None:
+            with self._lock:
+                hit = self._lru.get(key)
+                if hit is not None:
+                    self._lru.move_to_end(key)
+            if hit is not None and hit.end == len(buf):
+                return hit
+        layout = _parse_layout(buf, max_header, max_tensors)
+        if key is not None:
+            with self._lock:
+                self._lru[key] = layout
+                while len(self._lru) > self.size:
+                    self._lru.popitem(last=False)
+        return layout
+
+
+def _parse_layout(buf: Buffer, max_header: int, max_tensors: int) -> _Layout:
+    header = wire.parse(memoryview(buf), max_header=max_header, max_tensors=max_tensors)
+    tensors: dict[str, dict[str, Source]] = {}
+    for t in header.tensors:
+        group, sep, key = t.name.partition("/")
+        spans = tensors.get(group)
+        if spans is None:
+            if not sep or not GROUP_NAME.match(group):
+                raise MalformedBody(f"tensor name {t.name[:80]!r} is not <group>/<key>")
+            spans = tensors[group] = {}
+        if not key:
+            raise MalformedBody(f"tensor name {t.name[:80]!r} is not <group>/<key>")
+        spans[key] = Span(t.dtype, t.shape, t.begin, t.end)
+    return _Layout(tensors, header.metadata, header.end)
+
+
+LAYOUTS = _Layouts(size=32, max_bytes=1 << 20)
+
+
 def parse_safetensors(
     buf: Buffer, *, max_header: int, max_tensors: int, hold: Callable[[int], None] = _no_hold
 ) -> Parsed:
     hold(_header_size(buf, max_header))
-    header = wire.parse(memoryview(buf), max_header=max_header, max_tensors=max_tensors)
-    parsed = Parsed(buf, n_tensors=len(header.tensors))
-    for t in header.tensors:
-        group, sep, key = t.name.partition("/")
-        spans = parsed.tensors.get(group)
-        if spans is None:
-            if not sep or not GROUP_NAME.match(group):
-                raise MalformedBody(f"tensor name {t.name[:80]!r} is not <group>/<key>")
-            spans = parsed.tensors[group] = {}
-        if not key:
-            raise MalformedBody(f"tensor name {t.name[:80]!r} is not <group>/<key>")
-        spans[key] = Span(t.dtype, t.shape, t.begin, t.end)
-    meta = header.metadata
+    layout = LAYOUTS.get(buf, max_header, max_tensors)
+    parsed = Parsed(buf, tensors=layout.tensors, n_tensors=sum(len(g) for g in layout.tensors.values()))
+    meta = layout.metadata
     parsed.method = meta.get("method")
     parsed.groups = _group_list(_json_text(meta.get("groups"), "groups"))
     parsed.order = _order(_json_text(meta.get("order"), "order"))
