@@ -105,9 +105,9 @@ class HTTPClient:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = bytearray(1 << 16)
 
-    def post(self, path: str, body: bytes) -> memoryview:
+    def post(self, path: str, body: bytes, media: str = "application/octet-stream") -> memoryview:
         head = (
-            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {media}\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"
         ).encode()
         self.sock.sendall(head)
@@ -186,6 +186,32 @@ def bench_server(
         proc.wait(30)
 
 
+def fixed_costs(repeat: int) -> dict[str, float]:
+    """Median milliseconds of the smallest requests (one-element groups, a 2 x 2 gram) against the same
+    bytes over a bare socket: what a request costs beyond its bytes."""
+    port = free_port()
+    env = dict(os.environ, GRADWEIGHT_DEVICE="cpu", GRADWEIGHT_PORT=str(port))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gradweight_server.main"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    tiny = make_body([1, 1])  # two tensors of one element: munba needs two directions
+    gram = json.dumps({"method": SPEC, "gram": [[2.0, -0.5], [-0.5, 1.0]]}).encode()
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/readyz", proc)
+        client = HTTPClient(port)
+        combine = timed(lambda: client.post("/v1/combine", tiny), repeat) * 1e3
+        weights = timed(lambda: client.post("/v1/weights", gram, "application/json"), repeat) * 1e3
+        reply = len(client.post("/v1/combine", tiny))
+        client.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return {"combine": combine, "weights": weights, "raw": bench_raw(tiny, reply, repeat) * 1e3}
+
+
 def bench_raw(body: bytes, reply_len: int, repeat: int) -> float:
     port = free_port()
     proc = subprocess.Popen([sys.executable, __file__, "--serve-raw", str(port)])
@@ -194,6 +220,7 @@ def bench_raw(body: bytes, reply_len: int, repeat: int) -> float:
         while True:
             try:
                 sock = socket.create_connection(("127.0.0.1", port))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 break
             except OSError:
                 if time.monotonic() > deadline:
@@ -219,6 +246,7 @@ def bench_raw(body: bytes, reply_len: int, repeat: int) -> float:
 def serve_raw(port: int) -> None:
     srv = socket.create_server(("127.0.0.1", port))
     conn, _ = srv.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     buf, out = bytearray(), bytearray()
     while True:
         head = conn.recv(16, socket.MSG_WAITALL)
@@ -276,7 +304,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", nargs="+", type=float, default=[1e6, 1e7, 5e7])
+    parser.add_argument("--sizes", nargs="*", type=float, default=[1e6, 1e7, 5e7])
     parser.add_argument("--tensors", type=int, default=N_TENSORS, help="tensors per group")
     parser.add_argument("--no-lora", dest="lora", action="store_false", help="skip the LoRA-shaped case")
     parser.add_argument("--repeat", type=int, default=5)
@@ -364,6 +392,11 @@ def main() -> None:
             + " ".join(f"{v:>8.1f}" for v in parts)
             + f" {total - sum(parts):>8.1f}"
         )
+    fixed = fixed_costs(max(50, args.repeat * 20))
+    print(
+        f"\nfixed cost (median ms of the smallest requests; raw = their bytes over a bare socket): "
+        f"/v1/combine {fixed['combine']:.2f}, /v1/weights {fixed['weights']:.2f}, raw {fixed['raw']:.2f}"
+    )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)
