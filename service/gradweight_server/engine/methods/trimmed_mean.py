@@ -20,6 +20,7 @@ from gradweight.errors import InvalidGradients
 from gradweight.methods import TrimmedMean
 
 from .. import elementwise
+from ..elementwise import row_sum
 from ..passes import has_non_finite
 from ._method import Method
 
@@ -105,27 +106,27 @@ def aggregate(
     spares: dict[int, torch.Tensor] = {}
 
     def block(stack: torch.Tensor, out: torch.Tensor) -> bool:
-        if t == 0:  # any NaN or infinity reaches the mean: it is its own check
-            torch.mean(stack, dim=0, out=out)
-            return has_non_finite(out)
         if has_non_finite(stack):
             return True
         if k > NETWORK_MAX_GROUPS:
             torch.mean(torch.sort(stack, dim=0).values.narrow(0, t, kept), dim=0, out=out)
             return False
         b = stack.shape[1]
-        spare = spares.setdefault(b, stack.new_empty(b))
+        if b not in spares:
+            spares[b] = stack.new_empty(b)
+        spare = spares[b]
         middle = partitioned_rows(stack, spare, t)[t : k - t]
-        if kept == 1:
-            out.copy_(middle[0])
-            return False
-        torch.add(middle[0], middle[1], out=out)
-        for row in middle[2:]:
-            out.add_(row)
-        out.div_(kept)
+        row_sum(middle, out).div_(kept)
         return False
 
-    elementwise.run(groups, names, out, block)
+    def mean(rows: list[torch.Tensor], out: torch.Tensor) -> bool:
+        row_sum(rows, out).div_(k)
+        return False  # a NaN or an infinity reaches the mean, whose check (engine.core) refuses it
+
+    if t == 0:  # nothing trimmed: each row is read once, straight from the inputs
+        elementwise.run_rows(groups, names, out, mean)
+    else:
+        elementwise.run(groups, names, out, block)
 
 
 METHOD = Method(TrimmedMean, aggregate=aggregate, torchjd="TrimmedMean", warm_up={"trim_number": 1})
