@@ -58,7 +58,12 @@ def run(
 ) -> torch.Tensor:
     """Write fn's results for every coordinate into the flat `out`, in coordinate order (so a method
     drawing random numbers per block draws them in the same order as over the whole vector)."""
-    return _run(groups, names, out, lambda stack, rows, o: fn(stack, o), keys)
+
+    def block(stack: torch.Tensor | None, rows: list[torch.Tensor], o: torch.Tensor) -> bool:
+        assert stack is not None  # always stacked without views
+        return fn(stack, o)
+
+    return _run(groups, names, out, block, keys)
 
 
 def run_rows(
@@ -77,7 +82,7 @@ def _run(
     groups: Sequence[Sequence[torch.Tensor]],
     names: Sequence[str],
     out: torch.Tensor,
-    fn: Callable[[torch.Tensor, list[torch.Tensor], torch.Tensor], bool],
+    fn: Callable[[torch.Tensor | None, list[torch.Tensor], torch.Tensor], bool],
     keys: Sequence[str] | None,
     views: bool = False,
 ) -> torch.Tensor:
@@ -92,16 +97,19 @@ def _run(
         hi = 0
         for segment in _segments(pieces, views):
             lo, hi = hi, hi + sum(e - s for _, s, e in segment)
-            stack = buf[: k * (hi - lo)].view(k, hi - lo)
-            rows = list(stack)
-            for r, tensors in enumerate(flats):
-                parts = [tensors[i][s:e] for i, s, e in segment]
-                if len(parts) > 1:
-                    torch.cat(parts, out=rows[r])
-                elif views and parts[0].dtype == dtype:
-                    rows[r] = parts[0]
-                else:
-                    rows[r].copy_(parts[0])
+            stack = None
+            if views and len(segment) == 1 and flats[0][segment[0][0]].dtype == dtype:
+                i, s, e = segment[0]
+                rows = [tensors[i][s:e] for tensors in flats]
+            else:
+                stack = buf[: k * (hi - lo)].view(k, hi - lo)
+                rows = list(stack)
+                for row, tensors in zip(rows, flats):
+                    parts = [tensors[i][s:e] for i, s, e in segment]
+                    if len(parts) > 1:
+                        torch.cat(parts, out=row)
+                    else:
+                        row.copy_(parts[0])
             o = out[start + lo : start + hi] if result is None else result[lo:hi]
             if fn(stack, rows, o):
                 _raise_non_finite(groups, names, keys, segment)
