@@ -7,7 +7,9 @@ and the t highest suffices, and the kept rows are then summed and divided, as to
 network is Batcher's odd-even merge sort or t rounds of min/max extraction (1.5 m comparators for m
 values), whichever has fewer comparators once those whose outputs land in one class are pruned; past
 NETWORK_MAX_GROUPS groups `torch.sort` is used. The kept values are summed in row order, not sorted order,
-so the result can differ from torchjd's in the last bits (float32 rounding of the same sum).
+so the result can differ from torchjd's in the last bits (float32 rounding of the same sum; not a sum
+minus the extremes, whose cancellation would round worse). With trim_number 0 the mean reads the inputs
+in place, at the cost of the combine pass.
 """
 
 from __future__ import annotations
