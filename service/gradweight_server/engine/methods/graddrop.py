@@ -40,9 +40,10 @@ def aggregate(
     scratch: list[torch.Tensor] = []
 
     def buffers(b: int, like: torch.Tensor) -> list[torch.Tensor]:
-        """k x b scratch and four b-vectors, allocated once and reused by every block."""
+        """k x b scratch, four b-vectors and a constant one: allocated once, reused by every block."""
         if not scratch or scratch[0].numel() < k * b:
-            scratch[:] = [like.new_empty(k * b)] + [like.new_empty(b) for _ in range(4)]
+            half = like.new_full((b,), 0.5)
+            scratch[:] = [like.new_empty(k * b), *(like.new_empty(b) for _ in range(4)), half]
         return [scratch[0][: k * b].view(k, b)] + [v[:b] for v in scratch[1:]]
 
     def block(stack: torch.Tensor, out: torch.Tensor) -> bool:
@@ -56,7 +57,7 @@ def aggregate(
         scratch; stack is None up to SEQUENTIAL_ROWS groups, whose rows are read in place and summed row
         by row (as torch's sums add so few rows), and every sum rounds as torchjd's do."""
         b = out.shape[0]
-        tmp, p, u, lo, hi = buffers(b, out)
+        tmp, p, u, lo, hi, half = buffers(b, out)
 
         def total(m: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
             return column_sum(m, out) if stack is not None else row_sum(list(m), out)
@@ -70,15 +71,14 @@ def aggregate(
         if has_non_finite(magnitude):  # a NaN or an infinity in a column reaches its sum of |g_i|
             return True
         sums = column_sum(stack, p) if stack is not None else row_sum(rows, p)
-        sums.div_(magnitude).add_(1.0).mul_(0.5)
+        # 0.5 + 0.5 (S / A) in one op: torchjd's 0.5 (1 + S / A) to the bit (halving is exact)
+        torch.addcdiv(half, sums, magnitude, value=0.5, out=p)
         torch.rand(b, generator=gen, dtype=out.dtype, device=out.device, out=u)
         # g_i keeps its coordinate where P > U and g_i > 0 or P < U and g_i < 0 (neither on a tie or in
         # an all-zero column, P NaN); clamped into [0, big] where P > U, [-big, 0] where P < U and [0, 0]
         # otherwise, the kept values stay and the others become 0
-        torch.gt(p, u, out=hi)
-        torch.lt(p, u, out=lo)
-        hi.mul_(big)
-        lo.mul_(-big)
+        torch.gt(p, u, out=hi).mul_(big)
+        torch.lt(p, u, out=lo).mul_(-big)
         if keep is None:
             if stack is not None:
                 torch.clamp(stack, min=lo, max=hi, out=tmp)
