@@ -9,7 +9,10 @@ For each method and each group count k it times, on k groups of `--params` float
 and prints medians of `--repeat` runs after one warm-up, the full-time ratio and the largest difference
 between the two combined gradients (relative to its largest entry). The elementwise methods (no weights)
 also get the memory floor: one read of the k inputs plus one write of the output, timed as the combine
-pass with unit weights. Then `nash` against torchjd's NashMTL(max_norm=0) at `--nash-k` groups, with each
+pass with unit weights, and "ours pass": the elementwise pass alone into a reused output, as the floor
+writes (ours full adds the engine's output allocation and its non-finite check of the result); GradDrop
+also gets "draws": torch.rand of n float32 from a seeded CPU generator, the uniforms torchjd draws, which
+both sides pay. Then `nash` against torchjd's NashMTL(max_norm=0) at `--nash-k` groups, with each
 one's Nash residual max_i |(K a)_i a_i - 1|.
 
     .venv/bin/python bench/methods.py [--params 1e6] [--ks 2 4 8 16 64] [--methods upgrad mean ...]
@@ -160,7 +163,7 @@ def bench_method(
 ) -> dict[str, Any]:
     from gradweight.methods import parse_method
     from gradweight_server.engine import run
-    from gradweight_server.engine.methods import solve
+    from gradweight_server.engine.methods import aggregate, solve
     from gradweight_server.engine.passes import combine, gram
 
     spec = parse_method({"name": name, **options(name, k)})
@@ -194,10 +197,14 @@ def bench_method(
     t_tw = float("nan")
     if tj_weights is not None and not elementwise:
         t_tw, _ = timed(seeded(spec, lambda: tj_weights(stack(groups))), repeat, device)
-    floor = float("nan")
+    floor = t_pass = draws = float("nan")
     if elementwise:
         out = torch.empty_like(ours_flat)
         floor, _ = timed(lambda: combine(tensors, [1.0] * k, out), repeat, device)
+        t_pass, _ = timed(lambda: aggregate(spec, tensors, names, out), repeat, device)
+        if name == "graddrop":
+            gen = torch.Generator(device=device).manual_seed(0)
+            draws, _ = timed(lambda: torch.rand(out.numel(), generator=gen, device=device), repeat, device)
     agg, _ = torchjd_objects(spec, k)  # stateful ones start fresh, as ours did
     t_tf, theirs = timed(seeded(spec, lambda: agg(stack(groups))), repeat, device)
     if spec.stateful:  # compare first steps: a fresh object against a fresh state
@@ -214,6 +221,8 @@ def bench_method(
         "speedup": t_tf / t_of,
         "diff": diff,
         "floor": floor,
+        "pass": t_pass,
+        "draws": draws,
     }
 
 
@@ -255,7 +264,7 @@ def print_table(rows: list[dict[str, Any]], numel: int) -> None:
     print(f"\n{numel / 1e6:g}M float32 parameters per group; medians in ms")
     head = (
         "method", "k", "ours weights", "ours full", "torchjd weights", "torchjd full", "speedup", "max diff",
-        "memory floor", "full / floor",
+        "memory floor", "full / floor", "ours pass", "pass / floor",
     )  # fmt: skip
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
@@ -271,8 +280,15 @@ def print_table(rows: list[dict[str, Any]], numel: int) -> None:
             f"{r['diff']:.1e}",
             fmt_ms(r["floor"]),
             "-" if r["floor"] != r["floor"] else f"{r['ours_full'] / r['floor']:.2f}x",
+            fmt_ms(r["pass"]),
+            "-" if r["floor"] != r["floor"] else f"{r['pass'] / r['floor']:.2f}x",
         ]
         print("| " + " | ".join(cells) + " |")
+    for r in rows:
+        if r["draws"] == r["draws"]:
+            print(
+                f"graddrop k={r['k']}: its uniform draws alone (torch.rand, seeded): {fmt_ms(r['draws'])} ms"
+            )
 
 
 def plot(rows: list[dict[str, Any]], path: str) -> None:
