@@ -8,6 +8,7 @@ given in; it is always sent explicitly.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -44,17 +45,26 @@ class GramPlan:
             order = list(named)
         return cls(method, named, order, layout, dtype)
 
-    @property
+    @functools.cached_property
     def ordered(self) -> list[Group]:
         return [self.named[n] for n in self.order]
 
+    @functools.cached_property
+    def runs(self) -> list[list[Any]] | None:
+        """The groups' flat runs (torch input), found once for both passes."""
+        return _gram.torch_runs(self.ordered)
+
     def gram(self) -> list[list[float]]:
-        return _gram.gram(self.ordered)
+        return _gram.gram(self.ordered, self.runs)
 
     def finish(self, k: list[list[float]], w: WeightsResult, t: tuple[float, float, float]) -> CombineResult:
         """The weighted sum of the groups with the server's weights (checked: one per group, finite)."""
         flat, per_key = _gram.combine(
-            self.ordered, [w.weights[n] for n in self.order], layout=self.layout, dtype=self.dtype
+            self.ordered,
+            [w.weights[n] for n in self.order],
+            layout=self.layout,
+            dtype=self.dtype,
+            runs=self.runs,
         )
         t3 = time.perf_counter()
         return CombineResult(

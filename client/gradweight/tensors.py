@@ -6,6 +6,7 @@ already in `sys.modules`, and torch output is produced only for torch input.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ class Group:
 
     @property
     def numel(self) -> int:
-        return sum(int(np.prod(shape_of(a))) for a in self.arrays)
+        return sum(math.prod(a.shape) for a in self.arrays)
 
 
 def as_group(grads: Gradients, what: str) -> Group:
