@@ -65,7 +65,8 @@ def method_json(method: MethodLike) -> dict[str, Any]:
             text = json.dumps(spec, sort_keys=True)
         except (TypeError, ValueError):  # not JSON as given (a model inside, say): pydantic says
             return parse_method(spec).model_dump(mode="json")
-        return json.loads(_validated(text))
+        validated: dict[str, Any] = json.loads(_validated(text))
+        return validated
     return spec
 
 
