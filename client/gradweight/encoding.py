@@ -18,7 +18,7 @@ import httpx
 
 from . import progress as _progress
 from .errors import MalformedReply
-from .tensors import CHUNK_BYTES, Group, dtype_tag, host_bytes, shape_of
+from .tensors import CHUNK_BYTES, Group, dtype_tag, host_bytes
 from .wire import Header, build_header
 
 
@@ -33,8 +33,14 @@ class Blob:
 
 
 def blobs_of(group_name: str, group: Group) -> list[Blob]:
+    tags: dict[Any, str] = {}  # a group has one dtype, or a few: each looked up once
     return [
-        Blob(f"{group_name}/{k}", dtype_tag(a), shape_of(a), host_bytes(a))
+        Blob(
+            f"{group_name}/{k}",
+            tags.get(a.dtype) or tags.setdefault(a.dtype, dtype_tag(a)),
+            tuple(a.shape),
+            host_bytes(a),
+        )
         for k, a in zip(group.keys, group.arrays, strict=True)
     ]
 
