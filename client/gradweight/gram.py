@@ -2,7 +2,8 @@
 
 CPU torch tensors take the server's CPU scheme, `gradweight.blocks.blocked_gram` (batched float64 GEMMs over
 an exactly widened scratch, lanes fixed by k and numel only), so gram mode's gram has the bytes of the
-server's full-mode CPU gram on the same machine for the same tensors, whatever either side's threads.
+server's full-mode CPU gram on the same machine for the same tensors, whatever either side's threads (the
+host passes run on one: `one_thread`).
 CUDA tensors take the server's GPU scheme (`lanes_gram` with `TorchLanes`), numpy arrays (or no torch) the
 same lane scheme in single-threaded numpy (`NumpyLanes`): both are deterministic and within about 1e-14 of
 exact relative to sqrt(K_ii K_jj), but only the first shares the server's CPU bytes (its blocked sums
@@ -14,7 +15,8 @@ the server's rounding, so for two groups it is the seed's `fw * cat(f) + rw * ca
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -154,7 +156,8 @@ def gram(groups: Sequence[Group], runs: list[list[Any]] | None = None) -> list[l
     if runs is not None and a0.device.type == "cpu":
         from .blocks import blocked_gram
 
-        upper = blocked_gram(runs).tolist() if runs[0] else [0.0] * (k * (k + 1) // 2)
+        with one_thread():
+            upper = blocked_gram(runs).tolist() if runs[0] else [0.0] * (k * (k + 1) // 2)
         return _from_upper(upper, k)
     numel = int(groups[0].numel)
     keys = range(len(groups[0].arrays))
@@ -167,6 +170,26 @@ def gram(groups: Sequence[Group], runs: list[list[Any]] | None = None) -> list[l
     with torch.no_grad():
         device = (tuple(g.arrays[t].detach().reshape(-1) for g in groups) for t in keys)
         return _from_upper(lanes_gram(device, k, ops), k)
+
+
+@contextlib.contextmanager
+def one_thread(on: bool = True) -> Iterator[None]:
+    """Run the host passes on one torch thread, then restore the count. Their bytes do not depend on
+    threads, but their speed does, badly: each pass is a few hundred small operations, and under load an
+    OpenMP team waits for a descheduled thread at every one of them (on 2 shared cores, 2 threads made the
+    LoRA step's gram 4.4 ms -> 40-80 ms, p90 250 ms). The count is process-wide in torch, so torch work
+    in another thread during the pass runs on one thread too."""
+    torch = torch_or_none()
+    n = torch.get_num_threads() if on and torch is not None else 1
+    if n == 1:
+        yield
+        return
+    assert torch is not None
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def torch_runs(groups: Sequence[Group]) -> list[list[Any]] | None:
@@ -233,7 +256,7 @@ def combine(
     a0 = first.arrays[0]
     flat = torch.empty(first.numel, dtype=getattr(torch, dtype) if dtype else a0.dtype, device=a0.device)
     if runs[0]:
-        with torch.no_grad():
+        with torch.no_grad(), one_thread(a0.device.type == "cpu"):
             combine_runs(runs, weights, flat)
     if layout == "flat":
         return flat, {}

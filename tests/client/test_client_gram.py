@@ -121,3 +121,19 @@ def test_torch_groups_need_one_dtype() -> None:
     ]
     with pytest.raises(ValueError, match="one dtype"):
         G.gram(groups)
+
+
+def test_host_passes_run_on_one_thread_and_restore_the_count() -> None:
+    seen: list[int] = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with G.one_thread():
+            seen.append(torch.get_num_threads())
+        groups = [as_group([torch.randn(300)], "a"), as_group([torch.randn(300)], "b")]
+        G.gram(groups)
+        G.combine(groups, [0.5, 2.0], layout="flat", dtype=None)
+        assert seen == [1]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
