@@ -9,7 +9,8 @@ parameter's `.grad`. Cases: `upstream` (vision_unlearning's GradientWeightingMet
 (gradweight.vision_unlearning.GradientWeightingMethodRemote, which adds the finiteness check), against a
 local `gradweight-server` started as a subprocess. Steps are interleaved across cases (one step of each
 in turn) so load from other jobs hits every case alike; it prints the median and p90 of `--steps` steps
-after `--warmup`, and the ratio of medians to upstream's.
+after `--warmup`, the ratio of medians to upstream's, and where each remote case's time goes (the medians
+of its results' `timing`).
 
 `--drift` measures instead how float32 rounding differences grow over a 100-step munba run: the toy
 unlearning task of examples/unlearn.py, trained through lora.py's update lines, by upstream's class, by
@@ -166,6 +167,7 @@ def bench_rank(
     accelerator = SimpleNamespace(device=torch.device(device))
     cases, close = make_cases(url, method)
     times: dict[str, list[float]] = {name: [] for name in cases}
+    parts: dict[str, dict[str, list[float]]] = {name: {} for name in cases}
     try:
         for step in range(warmup + steps):
             for name, weighting in cases.items():
@@ -175,6 +177,9 @@ def bench_rank(
                 sync(device)
                 if step >= warmup:
                     times[name].append(time.perf_counter() - t0)
+                    last = getattr(weighting, "last", None)
+                    for key, ms in (last.timing if last is not None else {}).items():
+                        parts[name].setdefault(key, []).append(ms)
     finally:
         close()
     base = statistics.median(times["upstream"])
@@ -187,6 +192,7 @@ def bench_rank(
             "median_ms": statistics.median(ts) * 1e3,
             "p90_ms": percentile(ts, 0.9) * 1e3,
             "x_upstream": statistics.median(ts) / base,
+            "parts_ms": {key: statistics.median(v) for key, v in parts[name].items()},
         }
         for name, ts in times.items()
     ]
@@ -201,6 +207,12 @@ def print_table(rows: list[dict[str, Any]], header: str) -> None:
             f"{r['rank']:>4} {r['params']:>10,} {r['case']:>12} {r['median_ms']:>10.1f} "
             f"{r['p90_ms']:>8.1f} {r['x_upstream']:>11.2f}"
         )
+    print("\nwhere the time goes (median ms of the result's `timing`: gram mode's client-side passes and")
+    print("round trip; full mode's server-side receive, decode, compute, encode):")
+    for r in rows:
+        if r["parts_ms"]:
+            shown = "  ".join(f"{k.removesuffix('_ms')} {v:.1f}" for k, v in r["parts_ms"].items())
+            print(f"{r['rank']:>4} {r['case']:>12}  {shown}")
 
 
 def plot(rows: list[dict[str, Any]], path: str) -> None:

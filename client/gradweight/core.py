@@ -61,8 +61,20 @@ def method_json(method: MethodLike) -> dict[str, Any]:
         return method_json(obj)
     spec = dict(method)
     if spec.get("name") in method_names():
-        return parse_method(spec).model_dump(mode="json")
+        try:
+            text = json.dumps(spec, sort_keys=True)
+        except (TypeError, ValueError):  # not JSON as given (a model inside, say): pydantic says
+            return parse_method(spec).model_dump(mode="json")
+        validated: dict[str, Any] = json.loads(_validated(text))
+        return validated
     return spec
+
+
+@functools.lru_cache(maxsize=64)
+def _validated(spec_json: str) -> str:
+    """A known method's spec validated and dumped, as JSON: a trainer sends the same spec every step,
+    and pydantic's validation is most of a small request's client-side cost."""
+    return json.dumps(parse_method(json.loads(spec_json)).model_dump(mode="json"))
 
 
 def check_args(method: MethodLike | None, layout: str, dtype: str | None) -> MethodLike:
@@ -401,7 +413,7 @@ class BaseClient:
         keys: list[str] = []
         order: list[str] | None = None
         for name, data in files.items():
-            view = memoryview(data)
+            view = memoryview(data).cast("B")  # byte offsets, whatever the caller's view holds
             try:
                 header = parse(view)
                 if "order" in header.metadata:

@@ -1,7 +1,8 @@
 """Request and reply bodies of /v1/combine, built and read without copying tensor bytes.
 
-The upload is streamed: the safetensors header, then each tensor's own bytes in 1 MiB slices (httpx's
-HTTP/1.1 layer copies each slice once on its way to the socket, never the whole body). The length is
+The upload is streamed in 1 MiB writes: slices of a large tensor are views, runs of small tensors (and the
+header) are joined into one write, so each byte is copied once on its way to the socket and the whole
+body never is. The length is
 known up front, so the request carries Content-Length and a server can refuse an oversized body before
 reading it. The same `Body` object is both a sync and an async stream and can be replayed on retry.
 """
@@ -17,7 +18,7 @@ import httpx
 
 from . import progress as _progress
 from .errors import MalformedReply
-from .tensors import CHUNK_BYTES, Group, dtype_tag, host_bytes, shape_of
+from .tensors import CHUNK_BYTES, Group, dtype_tag, host_bytes
 from .wire import Header, build_header
 
 
@@ -32,8 +33,14 @@ class Blob:
 
 
 def blobs_of(group_name: str, group: Group) -> list[Blob]:
+    tags: dict[Any, str] = {}  # a group has one dtype, or a few: each looked up once
     return [
-        Blob(f"{group_name}/{k}", dtype_tag(a), shape_of(a), host_bytes(a))
+        Blob(
+            f"{group_name}/{k}",
+            tags.get(a.dtype) or tags.setdefault(a.dtype, dtype_tag(a)),
+            tuple(a.shape),
+            host_bytes(a),
+        )
         for k, a in zip(group.keys, group.arrays, strict=True)
     ]
 
@@ -48,11 +55,29 @@ class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
         self.progress = progress
 
     def _chunks(self) -> Iterator[bytes | memoryview]:
-        yield self.header
+        """The file in writes of CHUNK_BYTES (the last one shorter): a write within one tensor is a view
+        of it, one that spans several (the header, runs of small tensors) is joined into a new bytes
+        object, so 256 small tensors are a handful of writes, not 256. Each byte is copied once either
+        way (httpx's HTTP/1.1 layer copies a view into bytes and passes bytes through), and at most one
+        write's worth of copy exists at a time. The chunks are fresh objects, never a reused buffer: a
+        consumer may hold them all (httpx's `Request.read`)."""
+        parts: list[bytes | memoryview] = [self.header]
+        size = len(self.header)
+        if size >= CHUNK_BYTES:
+            yield self.header
+            parts, size = [], 0
         for b in self.blobs:
-            data = b.data
-            for i in range(0, data.nbytes, CHUNK_BYTES):
-                yield data[i : i + CHUNK_BYTES]
+            data, pos, n = b.data, 0, b.data.nbytes
+            while pos < n:
+                take = min(CHUNK_BYTES - size, n - pos)
+                parts.append(data[pos : pos + take] if take < n else data)
+                size += take
+                pos += take
+                if size == CHUNK_BYTES:
+                    yield parts[0] if len(parts) == 1 else b"".join(parts)
+                    parts, size = [], 0
+        if parts:
+            yield parts[0] if len(parts) == 1 else b"".join(parts)
 
     def __iter__(self) -> Iterator[bytes]:
         bar = _progress.bar(self.length, "upload", self.progress)

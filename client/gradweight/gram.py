@@ -1,22 +1,27 @@
 """Gram mode: the trainer computes K = G Gᵀ itself and sends only k x k numbers.
 
-The gram uses the server's scheme (`lanes_for` is the one schedule both import), so gram mode and full mode
-get the same gram: the groups are streamed, key after key, into a k x lanes float64 scratch (exact
-widening, no concatenation), lane l of accumulator (i, j) adds x_i[l] x_j[l] chunk after chunk, and the
-lanes are folded pairwise at the end. Every product and sum is float64 and each is one IEEE operation per
-element, so on the host (single-threaded numpy) the bytes equal the server's CPU gram whatever either side's
-threads, and every entry is within about 1e-14 of exact relative to sqrt(K_ii K_jj).
-The weighted sum is formed locally, on the gradients' own device, straight into the output.
+CPU torch tensors take the server's CPU scheme, `gradweight.blocks.blocked_gram` (batched float64 GEMMs over
+an exactly widened scratch, lanes fixed by k and numel only), so gram mode's gram has the bytes of the
+server's full-mode CPU gram on the same machine for the same tensors, whatever either side's threads (the
+host passes run on one: `one_thread`).
+CUDA tensors take the server's GPU scheme (`lanes_gram` with `TorchLanes`), numpy arrays (or no torch) the
+same lane scheme in single-threaded numpy (`NumpyLanes`): both are deterministic and within about 1e-14 of
+exact relative to sqrt(K_ii K_jj), but only the first shares the server's CPU bytes (its blocked sums
+round in another order).
+The weighted sum is formed locally, on the gradients' own device, straight into the output: torch tensors
+stretch by stretch over their flat runs (a stretch of many small tensors is one cat, then one scale), with
+the server's rounding, so for two groups it is the seed's `fw * cat(f) + rw * cat(r)` bit for bit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from .tensors import Group, dtype_name, is_torch, torch_or_none
+from .tensors import Group, device_of, dtype_name, is_torch, torch_or_none
 from .types import Array
 
 CPU_LANES = 1 << 14  # k = 2: the copies stay below torch's 32768-element parallel grain
@@ -138,16 +143,24 @@ def lanes_gram(keys: Iterable[Sequence[Any]], k: int, ops: NumpyLanes | TorchLan
     return upper
 
 
-def gram(groups: Sequence[Group]) -> list[list[float]]:
+def gram(groups: Sequence[Group], runs: list[list[Any]] | None = None) -> list[list[float]]:
     """K[i][j] = <flat(group i), flat(group j)>, exact to float64 rounding; groups share keys and shapes.
 
-    On the host the work is single-threaded numpy on cache-sized lanes: trainers' CPUs are busy, and
-    thread pools on many small operations under contention cost far more than they save."""
+    numpy arrays are summed by single-threaded numpy on cache-sized lanes: trainers' CPUs are busy, and
+    thread pools on many small operations under contention cost far more than they save. `runs`: the
+    groups' `torch_runs`, when the caller has them."""
     _check(groups)
     k = len(groups)
+    a0 = groups[0].arrays[0]
+    runs = torch_runs(groups) if runs is None else runs
+    if runs is not None and a0.device.type == "cpu":
+        from .blocks import blocked_gram
+
+        with one_thread():
+            upper = blocked_gram(runs).tolist() if runs[0] else [0.0] * (k * (k + 1) // 2)
+        return _from_upper(upper, k)
     numel = int(groups[0].numel)
     keys = range(len(groups[0].arrays))
-    a0 = groups[0].arrays[0]
     if not _on_device(a0):
         host = (tuple(_host_flat(g.arrays[t]) for g in groups) for t in keys)
         return _from_upper(lanes_gram(host, k, NumpyLanes(lanes_for(k, numel))), k)
@@ -157,6 +170,48 @@ def gram(groups: Sequence[Group]) -> list[list[float]]:
     with torch.no_grad():
         device = (tuple(g.arrays[t].detach().reshape(-1) for g in groups) for t in keys)
         return _from_upper(lanes_gram(device, k, ops), k)
+
+
+@contextlib.contextmanager
+def one_thread(on: bool = True) -> Iterator[None]:
+    """Run the host passes on one torch thread, then restore the count. Their bytes do not depend on
+    threads, but their speed does, badly: each pass is a few hundred small operations, and under load an
+    OpenMP team waits for a descheduled thread at every one of them (on 2 shared cores, 2 threads made the
+    LoRA step's gram 4.4 ms -> 40-80 ms, p90 250 ms). The count is process-wide in torch, so torch work
+    in another thread during the pass runs on one thread too."""
+    torch = torch_or_none()
+    n = torch.get_num_threads() if on and torch is not None else 1
+    if n == 1:
+        yield
+        return
+    assert torch is not None
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def torch_runs(groups: Sequence[Group]) -> list[list[Any]] | None:
+    """Each group's tensors as flat runs (`blocks.flat_runs`), None for numpy input; torch input must be
+    of one dtype on one device, as the server asks of full mode's. An empty group has no run."""
+    a0 = groups[0].arrays[0]
+    if not is_torch(a0):
+        return None
+    from .blocks import flat_runs
+
+    tensor, dtype, device = type(a0), a0.dtype, a0.device
+    runs: list[list[Any]] = []
+    for g in groups:
+        for a in g.arrays:
+            if type(a) is not tensor or a.dtype != dtype or a.device != device:
+                if is_torch(a) and a.dtype == dtype and a.device == device:
+                    continue  # a Parameter or other subclass
+                got = f"{dtype_name(a)} on {device_of(a)}"
+                raise ValueError(f"every gradient needs one dtype on one device: {dtype} on {device}, {got}")
+        live = [a.detach() if a.requires_grad else a for a in g.arrays if a.numel()]
+        runs.append(flat_runs(live) if live else [])
+    return runs
 
 
 def _from_upper(upper: list[float], k: int) -> list[list[float]]:
@@ -177,25 +232,79 @@ def _host_flat(a: Array) -> Array:
     return flat if dtype_name(flat) not in NUMPY_FLOATS else flat.numpy()
 
 
+CPU_BLOCK = 1 << 18  # the combine's stretch (elements), as the server's engine
+CUDA_BLOCK = 1 << 21
+
+
 def combine(
-    groups: Sequence[Group], weights: Sequence[float], *, layout: str, dtype: str | None
+    groups: Sequence[Group],
+    weights: Sequence[float],
+    *,
+    layout: str,
+    dtype: str | None,
+    runs: list[list[Any]] | None = None,
 ) -> tuple[Array | None, dict[str, Array]]:
-    """sum_i weights[i] * group_i, as one flat vector or one tensor per key. Written straight into the
-    output when it has the inputs' dtype; half-precision inputs are summed in float32 and rounded once."""
-    a0 = groups[0].arrays[0]
-    if not is_torch(a0):
+    """sum_i weights[i] * group_i, as one flat vector or one tensor per key (views of one flat vector for
+    torch input). Written straight into the output when it has the inputs' dtype; inputs narrower than
+    float32 are summed in float32 and rounded once."""
+    runs = torch_runs(groups) if runs is None else runs
+    if runs is None:
         return _combine_numpy(groups, weights, layout=layout, dtype=dtype)
-    if a0.device.type != "cpu" or dtype_name(a0) not in NUMPY_FLOATS or dtype not in (None, *NUMPY_FLOATS):
-        return _combine_torch(groups, weights, layout=layout, dtype=dtype)
-    # CPU tensors: the same single-threaded numpy path on views, handed back as tensors sharing memory
     torch = torch_or_none()
     assert torch is not None
-    views = [Group(g.keys, [x.detach().numpy() for x in g.arrays], g.named) for g in groups]
-    flat, per_key = _combine_numpy(views, weights, layout=layout, dtype=dtype)
-    return (
-        None if flat is None else torch.from_numpy(flat),
-        {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in per_key.items()},
-    )
+    first = groups[0]
+    a0 = first.arrays[0]
+    flat = torch.empty(first.numel, dtype=getattr(torch, dtype) if dtype else a0.dtype, device=a0.device)
+    if runs[0]:
+        with torch.no_grad(), one_thread(a0.device.type == "cpu"):
+            combine_runs(runs, weights, flat)
+    if layout == "flat":
+        return flat, {}
+    pieces = flat.split([a.numel() for a in first.arrays])
+    return None, {key: p.view(a.shape) for key, p, a in zip(first.keys, pieces, first.arrays, strict=True)}
+
+
+def combine_runs(runs: Sequence[Sequence[Any]], weights: Sequence[float], out: Any) -> Any:
+    """Write `sum_i weights[i] * flat(runs[i])` once into the flat tensor `out`, stretch by stretch
+    (`blocks.chunks`), as round(w_0 g_0), then round(acc + round(w_i g_i)) for each further group, never
+    fused: for two groups the seed's `fw * cat(f) + rw * cat(r)` bit for bit. Summed in `out`'s dtype when
+    that is float32 or wider and at least the inputs' width, else in float32 (or the inputs' dtype when
+    wider) and rounded once into `out`."""
+    import torch
+
+    from .blocks import chunks, fill
+
+    in_dtype = runs[0][0].dtype
+    work = torch.promote_types(torch.promote_types(in_dtype, out.dtype), torch.float32)
+    block = CUDA_BLOCK if out.device.type == "cuda" else CPU_BLOCK
+    size = min(block, out.numel())
+    tmp = torch.empty(size, dtype=work, device=out.device) if len(runs) > 1 else None
+    acc = None if work == out.dtype else torch.empty(size, dtype=work, device=out.device)
+    stage = torch.empty(size, dtype=in_dtype, device=out.device) if in_dtype != work else None
+
+    def scaled_into(o: Any, pieces: list[Any], w: float) -> None:
+        if len(pieces) == 1 and pieces[0].dtype == o.dtype and w != 1.0:
+            torch.mul(pieces[0], w, out=o)
+            return
+        fill(o, pieces, stage)
+        if w != 1.0:
+            o.mul_(w)
+
+    for start, n, parts in chunks(runs, block):
+        o = out[start : start + n]
+        a = o if acc is None else acc[:n]
+        scaled_into(a, parts[0], weights[0])
+        for pieces, w in zip(parts[1:], weights[1:], strict=True):
+            if w == 1.0 and len(pieces) == 1 and pieces[0].dtype == a.dtype:
+                a.add_(pieces[0])
+                continue
+            assert tmp is not None
+            t = tmp[:n]
+            scaled_into(t, pieces, w)
+            a.add_(t)
+        if acc is not None:
+            o.copy_(a)
+    return out
 
 
 def _combine_numpy(
@@ -231,41 +340,3 @@ def _combine_numpy(
             flat[pos : pos + size] = tmp.reshape(-1)
         pos += size
     return flat, {}
-
-
-def _combine_torch(
-    groups: Sequence[Group], weights: Sequence[float], *, layout: str, dtype: str | None
-) -> tuple[Array | None, dict[str, Array]]:
-    torch = torch_or_none()
-    assert torch is not None
-    first = groups[0]
-    a0 = first.arrays[0]
-    out_dtype = getattr(torch, dtype) if dtype else a0.dtype
-    work = torch.float32 if a0.dtype.itemsize < 4 else a0.dtype
-
-    def into(t: int, out: Any) -> None:
-        """Each product rounded before it is added, as the seed's `w_f * f + w_r * r` (add(alpha=) fuses)."""
-        torch.mul(groups[0].arrays[t].detach().to(work), weights[0], out=out)
-        for g, w in zip(groups[1:], weights[1:], strict=True):
-            out.add_(torch.mul(g.arrays[t].detach().to(work), w))
-
-    with torch.no_grad():
-        if layout == "params":
-            per_key = {}
-            for t, key in enumerate(first.keys):
-                out = torch.empty(first.arrays[t].shape, dtype=work, device=a0.device)
-                into(t, out)
-                per_key[key] = out.to(out_dtype)
-            return None, per_key
-        flat = torch.empty(first.numel, dtype=out_dtype, device=a0.device)
-        pos = 0
-        for t, a in enumerate(first.arrays):
-            size = a.numel()
-            if work == out_dtype:
-                into(t, flat[pos : pos + size].view(a.shape))
-            else:
-                tmp = torch.empty(a.shape, dtype=work, device=a0.device)
-                into(t, tmp)
-                flat[pos : pos + size].copy_(tmp.reshape(-1))
-            pos += size
-        return flat, {}

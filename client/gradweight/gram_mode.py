@@ -8,14 +8,19 @@ given in; it is always sent explicitly.
 
 from __future__ import annotations
 
+import functools
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from . import gram as _gram
 from .checks import spec_of
+from .errors import Degenerate, NonFinite
 from .methods import PAIR
-from .tensors import Group, device_of
+from .tensors import Group, device_of, is_torch
 from .types import CombineResult, Layout, WeightsResult
 
 
@@ -44,17 +49,36 @@ class GramPlan:
             order = list(named)
         return cls(method, named, order, layout, dtype)
 
-    @property
+    @functools.cached_property
     def ordered(self) -> list[Group]:
         return [self.named[n] for n in self.order]
 
+    @functools.cached_property
+    def runs(self) -> list[list[Any]] | None:
+        """The groups' flat runs (torch input), found once for both passes."""
+        return _gram.torch_runs(self.ordered)
+
     def gram(self) -> list[list[float]]:
-        return _gram.gram(self.ordered)
+        """The gram, refused as the server refuses full mode's when not finite (nothing is sent then):
+        `NonFinite` naming a tensor that holds NaN or infinity, else `Degenerate` (a norm overflowed)."""
+        k = _gram.gram(self.ordered, self.runs)
+        if not all(math.isfinite(v) for row in k for v in row):
+            for name in self.order:
+                group = self.named[name]
+                for key, a in zip(group.keys, group.arrays, strict=True):
+                    if not _finite(a):
+                        raise NonFinite(f"group {name!r} key {key!r} contains NaN or infinity")
+            raise Degenerate("a gradient's squared norm overflows float64; scale the loss down")
+        return k
 
     def finish(self, k: list[list[float]], w: WeightsResult, t: tuple[float, float, float]) -> CombineResult:
         """The weighted sum of the groups with the server's weights (checked: one per group, finite)."""
         flat, per_key = _gram.combine(
-            self.ordered, [w.weights[n] for n in self.order], layout=self.layout, dtype=self.dtype
+            self.ordered,
+            [w.weights[n] for n in self.order],
+            layout=self.layout,
+            dtype=self.dtype,
+            runs=self.runs,
         )
         t3 = time.perf_counter()
         return CombineResult(
@@ -73,3 +97,9 @@ class GramPlan:
             request_id=w.request_id,
             mode="gram",
         )
+
+
+def _finite(a: Any) -> bool:
+    if is_torch(a):
+        return bool(a.detach().isfinite().all())
+    return bool(np.isfinite(a).all())

@@ -6,6 +6,7 @@ already in `sys.modules`, and torch output is produced only for torch input.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ class Group:
 
     @property
     def numel(self) -> int:
-        return sum(int(np.prod(shape_of(a))) for a in self.arrays)
+        return sum(math.prod(a.shape) for a in self.arrays)
 
 
 def as_group(grads: Gradients, what: str) -> Group:
@@ -73,6 +74,9 @@ def as_group(grads: Gradients, what: str) -> Group:
         raise TypeError(f"{what}: expected tensors, arrays, a list or a dict of them, got {got}")
     if not arrays:
         raise ValueError(f"{what}: no gradients")
+    kind = type(arrays[0])
+    if (kind is np.ndarray or is_torch(arrays[0])) and all(type(a) is kind for a in arrays):
+        return Group(keys, arrays, named)  # the usual case, checked in one pass
     for k, a in zip(keys, arrays, strict=True):
         if a is None:
             raise ValueError(f"{what}[{k}] is None (a parameter without a gradient?)")
@@ -82,7 +86,7 @@ def as_group(grads: Gradients, what: str) -> Group:
 
 
 def shape_of(a: Array) -> tuple[int, ...]:
-    return tuple(int(d) for d in a.shape)
+    return tuple(a.shape)  # ints already: torch.Size and numpy shapes
 
 
 def dtype_name(a: Array) -> str:
@@ -110,11 +114,15 @@ def host_bytes(a: Array) -> memoryview:
         arr = a if a.dtype.byteorder in "=|<" else a.astype(a.dtype.newbyteorder("<"))
         arr = np.ascontiguousarray(arr)
         return memoryview(arr.reshape(-1).view(np.uint8).data)
-    t = a.detach()
-    if t.device.type != "cpu":
+    t = a.detach() if a.requires_grad else a
+    if not t.is_cpu:
         t = t.cpu()
-    t = t.contiguous()
-    return memoryview(t.reshape(-1).view(_torch().uint8).numpy())
+    if not t.is_contiguous():
+        t = t.contiguous()
+    torch = _torch()
+    if t.numel() and t.dtype in (torch.float32, torch.float64, torch.float16):
+        return memoryview(t.numpy()).cast("B")  # one numpy view, not three torch views
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def _torch() -> ModuleType:

@@ -108,8 +108,9 @@ class GradientWeightingMethodRemote(GradientWeightingMethod):  # type: ignore[mi
     ) -> Any:
         """Upstream's signature and result; `accelerator` may be None (then the gradients' device)."""
         forget, retain = list(grads_forget), list(grads_retain)
-        checked = forget if self.method.name == "none" else forget + retain  # upstream's none ignores retain
-        if not _all_finite(checked):
+        none = self.method.name == "none"  # upstream's none ignores retain
+        # gram mode's local gram finds non-finite inputs (NonFinite) before anything is sent: no pass here
+        if (self.mode == "full" or none) and not _all_finite(forget if none else forget + retain):
             return self._non_finite(forget, accelerator, "a gradient holds inf or NaN")
         try:
             out = self._weighting().weight_grads(forget, retain, accelerator)

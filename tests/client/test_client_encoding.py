@@ -85,6 +85,26 @@ def test_large_tensor_streams_in_slices() -> None:
     assert b"".join(bytes(c) for c in body) == b"".join(bytes(c) for c in chunks)
 
 
+def test_small_tensors_are_coalesced_into_few_writes() -> None:
+    """256 small tensors and two large ones: full-size writes (the last shorter), the large tensors'
+    interior slices sent as views, and the bytes those of the file."""
+    gen = torch.Generator().manual_seed(0)
+    small = [torch.randn(4, 320 + i, generator=gen) for i in range(256)]
+    large = [torch.randn(CHUNK_BYTES // 2, generator=gen), torch.randn(CHUNK_BYTES // 4 * 3, generator=gen)]
+    group = as_group([*small[:100], *large, *small[100:], torch.zeros(0)], "f")
+    body = combine_body({"forget": group}, method={"name": "none"})
+    chunks = list(body)
+    assert all(len(c) == CHUNK_BYTES for c in chunks[:-1])
+    assert 0 < len(chunks[-1]) <= CHUNK_BYTES
+    assert len(chunks) == -(-body.length // CHUNK_BYTES)
+    assert any(isinstance(c, memoryview) for c in chunks)  # a slice inside a large tensor: no copy here
+    header, data = _decode(body)
+    assert len(header.tensors) == 259
+    for t, a in zip(header.tensors, group.arrays, strict=True):
+        assert data[t.begin : t.end] == a.numpy().tobytes()
+    assert b"".join(bytes(c) for c in body) == b"".join(bytes(c) for c in chunks)
+
+
 def test_host_bytes_is_a_view_for_contiguous_cpu() -> None:
     a = torch.randn(100)
     mv = host_bytes(a)

@@ -79,3 +79,61 @@ def test_gram_and_combine_bfloat16(monkeypatch: pytest.MonkeyPatch) -> None:
     flat, _ = G.combine(groups, [2.0, -1.0], layout="flat", dtype=None)
     assert flat.dtype == torch.bfloat16
     torch.testing.assert_close(flat, (2 * fa - fb).bfloat16())
+
+
+@pytest.mark.parametrize("layout", ["flat", "params"])
+def test_torch_combine_is_the_seed_formula_bit_for_bit(monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
+    """CPU float32 tensors, stretches spanning many tensors and cutting some: round(w0 f), then
+    round(acc + round(w1 r)), never fused, as the seed's `fw * cat(f) + rw * cat(r)`."""
+    monkeypatch.setattr(G, "CPU_BLOCK", 64)
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(4, 20), (20, 4), (3,), (0,), (50,), (7, 9)]
+    f = [torch.randn(s, generator=gen) for s in shapes]
+    r = [torch.randn(s, generator=gen) * 1e-3 for s in shapes]
+    w = [0.1 + 2**-30, -1.7]
+    flat, per_key = G.combine([as_group(f, "f"), as_group(r, "r")], w, layout=layout, dtype=None)
+    want = w[0] * torch.cat([x.reshape(-1) for x in f]) + w[1] * torch.cat([x.reshape(-1) for x in r])
+    got = flat if layout == "flat" else torch.cat([per_key[str(i)].reshape(-1) for i in range(len(shapes))])
+    assert got.dtype == torch.float32
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    if layout == "params":
+        assert [tuple(per_key[str(i)].shape) for i in range(len(shapes))] == shapes
+
+
+def test_torch_gram_is_the_blocked_scheme(rng: np.random.Generator) -> None:
+    """CPU torch input takes `blocks.blocked_gram` (the server's CPU bytes), whatever the tensors' layout;
+    numpy input the lane scheme: both within float64 rounding of the exact gram."""
+    from gradweight.blocks import blocked_gram
+
+    raw = _groups(rng, 3)
+    tensors = [[torch.from_numpy(a) for a in g] for g in raw]
+    got = G.gram([as_group(g, "g") for g in tensors])
+    flats = [[torch.cat([x.reshape(-1) for x in g])] for g in tensors]
+    upper = blocked_gram(flats).tolist()
+    assert [got[i][j] for i in range(3) for j in range(i, 3)] == upper
+    np.testing.assert_allclose(G.gram([as_group(g, "g") for g in raw]), got, rtol=1e-13)
+
+
+def test_torch_groups_need_one_dtype() -> None:
+    groups = [
+        as_group([torch.ones(3), torch.ones(2, dtype=torch.float64)], "a"),
+        as_group([torch.ones(3), torch.ones(2)], "b"),
+    ]
+    with pytest.raises(ValueError, match="one dtype"):
+        G.gram(groups)
+
+
+def test_host_passes_run_on_one_thread_and_restore_the_count() -> None:
+    seen: list[int] = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with G.one_thread():
+            seen.append(torch.get_num_threads())
+        groups = [as_group([torch.randn(300)], "a"), as_group([torch.randn(300)], "b")]
+        G.gram(groups)
+        G.combine(groups, [0.5, 2.0], layout="flat", dtype=None)
+        assert seen == [1]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -161,6 +161,25 @@ def test_gram_mode_equals_full_mode(
     assert checked >= 3
 
 
+def test_gram_mode_gram_has_the_servers_cpu_bytes(live_server: Any, rng: np.random.Generator) -> None:
+    """CPU torch input: gram mode's host gram is the server's CPU scheme, so the same bits as the gram
+    full mode reports (same machine, same tensors), whatever the layout of the trainer's tensors; the
+    combine then has the seed's rounding, so equal weights give the full-mode result bit for bit."""
+    shapes = [(40, 30), (7,), (2, 3, 4), (), (300, 5)]
+    f, r = _to("torch", _grads(rng, np.float32, shapes)), _to("torch", _grads(rng, np.float32, shapes))
+    bucket = torch.cat([x.reshape(-1) for x in f])  # a trainer's flat bucket: the tensors are one run
+    packed = list(bucket.split([x.numel() for x in f]))
+    with Client(live_server.url) as c:
+        full = c.combine(f, r, "munba")
+        if full.device != "cpu":
+            pytest.skip("the server's gram is on a GPU")
+        for forget in (f, [x.view(s) for x, s in zip(packed, shapes, strict=True)]):
+            gram = c.combine(forget, r, "munba", mode="gram")
+            assert gram.gram == full.gram
+            assert gram.weights == full.weights
+            assert torch.equal(gram.scaled_grad.view(torch.int32), full.scaled_grad.view(torch.int32))
+
+
 def test_gram_mode_float32_params(live_server: Any, rng: np.random.Generator) -> None:
     f, r = _to("torch", _grads(rng, np.float32)), _to("torch", _grads(rng, np.float32))
     with Client(live_server.url) as c:

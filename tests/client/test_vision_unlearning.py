@@ -246,11 +246,12 @@ def small_pair(seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return f, r
 
 
-def test_non_finite_gives_a_nan_gradient_and_is_counted(live_server: Any, caplog: Any) -> None:
+@pytest.mark.parametrize("mode", ["full", "gram"])
+def test_non_finite_gives_a_nan_gradient_and_is_counted(live_server: Any, caplog: Any, mode: str) -> None:
     forget, retain = small_pair()
     forget[1][2, 3] = float("inf")
     assert torch.isnan(GradientWeightingMethodMunba().weight_grads(forget, retain, CPU)).all()  # upstream
-    with Remote(url=live_server.url, method="munba") as m:
+    with Remote(url=live_server.url, method="munba", mode=mode) as m:
         with caplog.at_level(logging.WARNING, logger="gradweight"):
             out = m.weight_grads(forget, retain, CPU)
         assert out.shape == (64, 1)
@@ -270,12 +271,15 @@ def test_non_finite_gives_a_nan_gradient_and_is_counted(live_server: Any, caplog
         none.close()
 
 
-def test_non_finite_can_raise(live_server: Any) -> None:
+@pytest.mark.parametrize(
+    ("mode", "match"), [("full", "inf or NaN"), ("gram", "'retain' key '0' contains NaN")]
+)
+def test_non_finite_can_raise(live_server: Any, mode: str, match: str) -> None:
     forget, retain = small_pair()
     retain[0][1, 1] = float("nan")
     with (
-        Remote(url=live_server.url, method="simple", on_nonfinite="raise") as m,
-        pytest.raises(NonFinite, match="inf or NaN"),
+        Remote(url=live_server.url, method="simple", on_nonfinite="raise", mode=mode) as m,
+        pytest.raises(NonFinite, match=match),
     ):
         m.weight_grads(forget, retain, CPU)
 
