@@ -5,14 +5,15 @@ in one storage become one view, so a group read from a request body, or a traine
 costs a few calls whatever its tensor count. The groups are then walked in stretches of a fixed width
 (`chunks`); a stretch spanning many small tensors is filled with one `torch.cat`, not one copy per tensor.
 
-`blocked_gram` is the CPU gram: each stretch of the k groups is copied into a k x lanes float64 scratch
-(exact widening), cut into blocks of `BATCH` lanes, and one batched matmul gives every block's k x k partial
-gram (each a small float64 GEMM that one thread computes whole, in the kernel's fixed order); the partials
-are added block-wise and folded pairwise at the end. Products of inputs up to float32 are exact in float64,
-so each entry is within about (BATCH + numel / lanes + log2 lanes) float64 roundings of its exact value
-relative to sqrt(K_ii K_jj); the lane count depends on k and numel only, never on threads, and the bytes
-do not depend on how the tensors lie in memory. Measured 3x faster than the elementwise lane scheme
-(`gram.lanes_gram`, which stays the GPU's path); the two agree to float64 rounding.
+`blocked_combine` writes the weighted sum once into a flat output, stretch by stretch, with the seed's
+rounding. `blocked_gram` is the CPU gram: each stretch of the k groups is copied into a k x lanes float64
+scratch (exact widening), cut into blocks of `BATCH` lanes, and one batched matmul gives every block's
+k x k partial gram (each a small float64 GEMM that one thread computes whole, in the kernel's fixed order);
+the partials are added block-wise and folded pairwise at the end. Products of inputs up to float32 are
+exact in float64, so each entry is within about (BATCH + numel / lanes + log2 lanes) float64 roundings of
+its exact value relative to sqrt(K_ii K_jj); the lane count depends on k and numel only, never on threads,
+and the bytes do not depend on how the tensors lie in memory. Measured 3x faster than the elementwise lane
+scheme (`gram.lanes_gram`, which stays the GPU's path); the two agree to float64 rounding.
 
 Imported only where torch is installed.
 """
@@ -23,6 +24,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+CPU_BLOCK = 1 << 18  # the combine's stretch, in elements
+CUDA_BLOCK = 1 << 21  # also the combine's scratch on the GPU: 8 MiB of float32
 LANES = 1 << 16  # k = 2: 1 MiB of float64 scratch; fewer lanes for more groups (SCRATCH)
 SCRATCH = 1 << 17  # lanes x k at most
 BATCH = 1 << 10  # the GEMM's reduction length per block
@@ -136,3 +139,44 @@ def blocked_gram(groups: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
         width = half
     rows, cols = torch.triu_indices(k, k)
     return acc[0][rows, cols]
+
+
+def blocked_combine(
+    runs: Sequence[Sequence[torch.Tensor]], weights: Sequence[float], out: torch.Tensor
+) -> torch.Tensor:
+    """Write `sum_i weights[i] * flat(runs[i])` once into the flat tensor `out`, stretch by stretch
+    (`blocks.chunks`), as round(w_0 g_0), then round(acc + round(w_i g_i)) for each further group, never
+    fused: for two groups the seed's `fw * cat(f) + rw * cat(r)` bit for bit. Summed in `out`'s dtype when
+    that is float32 or wider and at least the inputs' width, else in float32 (or the inputs' dtype when
+    wider) and rounded once into `out`."""
+    in_dtype = runs[0][0].dtype
+    work = torch.promote_types(torch.promote_types(in_dtype, out.dtype), torch.float32)
+    block = CUDA_BLOCK if out.device.type == "cuda" else CPU_BLOCK
+    size = min(block, out.numel())
+    tmp = torch.empty(size, dtype=work, device=out.device) if len(runs) > 1 else None
+    acc = None if work == out.dtype else torch.empty(size, dtype=work, device=out.device)
+    stage = torch.empty(size, dtype=in_dtype, device=out.device) if in_dtype != work else None
+
+    def scaled_into(o: torch.Tensor, pieces: list[torch.Tensor], w: float) -> None:
+        if len(pieces) == 1 and pieces[0].dtype == o.dtype and w != 1.0:
+            torch.mul(pieces[0], w, out=o)
+            return
+        fill(o, pieces, stage)
+        if w != 1.0:
+            o.mul_(w)
+
+    for start, n, parts in chunks(runs, block):
+        o = out[start : start + n]
+        a = o if acc is None else acc[:n]
+        scaled_into(a, parts[0], weights[0])
+        for pieces, w in zip(parts[1:], weights[1:], strict=True):
+            if w == 1.0 and len(pieces) == 1 and pieces[0].dtype == a.dtype:
+                a.add_(pieces[0])
+                continue
+            assert tmp is not None
+            t = tmp[:n]
+            scaled_into(t, pieces, w)
+            a.add_(t)
+        if acc is not None:
+            o.copy_(a)
+    return out

@@ -232,10 +232,6 @@ def _host_flat(a: Array) -> Array:
     return flat if dtype_name(flat) not in NUMPY_FLOATS else flat.numpy()
 
 
-CPU_BLOCK = 1 << 18  # the combine's stretch (elements), as the server's engine
-CUDA_BLOCK = 1 << 21
-
-
 def combine(
     groups: Sequence[Group],
     weights: Sequence[float],
@@ -252,59 +248,18 @@ def combine(
         return _combine_numpy(groups, weights, layout=layout, dtype=dtype)
     torch = torch_or_none()
     assert torch is not None
+    from .blocks import blocked_combine
+
     first = groups[0]
     a0 = first.arrays[0]
     flat = torch.empty(first.numel, dtype=getattr(torch, dtype) if dtype else a0.dtype, device=a0.device)
     if runs[0]:
         with torch.no_grad(), one_thread(a0.device.type == "cpu"):
-            combine_runs(runs, weights, flat)
+            blocked_combine(runs, weights, flat)
     if layout == "flat":
         return flat, {}
     pieces = flat.split([a.numel() for a in first.arrays])
     return None, {key: p.view(a.shape) for key, p, a in zip(first.keys, pieces, first.arrays, strict=True)}
-
-
-def combine_runs(runs: Sequence[Sequence[Any]], weights: Sequence[float], out: Any) -> Any:
-    """Write `sum_i weights[i] * flat(runs[i])` once into the flat tensor `out`, stretch by stretch
-    (`blocks.chunks`), as round(w_0 g_0), then round(acc + round(w_i g_i)) for each further group, never
-    fused: for two groups the seed's `fw * cat(f) + rw * cat(r)` bit for bit. Summed in `out`'s dtype when
-    that is float32 or wider and at least the inputs' width, else in float32 (or the inputs' dtype when
-    wider) and rounded once into `out`."""
-    import torch
-
-    from .blocks import chunks, fill
-
-    in_dtype = runs[0][0].dtype
-    work = torch.promote_types(torch.promote_types(in_dtype, out.dtype), torch.float32)
-    block = CUDA_BLOCK if out.device.type == "cuda" else CPU_BLOCK
-    size = min(block, out.numel())
-    tmp = torch.empty(size, dtype=work, device=out.device) if len(runs) > 1 else None
-    acc = None if work == out.dtype else torch.empty(size, dtype=work, device=out.device)
-    stage = torch.empty(size, dtype=in_dtype, device=out.device) if in_dtype != work else None
-
-    def scaled_into(o: Any, pieces: list[Any], w: float) -> None:
-        if len(pieces) == 1 and pieces[0].dtype == o.dtype and w != 1.0:
-            torch.mul(pieces[0], w, out=o)
-            return
-        fill(o, pieces, stage)
-        if w != 1.0:
-            o.mul_(w)
-
-    for start, n, parts in chunks(runs, block):
-        o = out[start : start + n]
-        a = o if acc is None else acc[:n]
-        scaled_into(a, parts[0], weights[0])
-        for pieces, w in zip(parts[1:], weights[1:], strict=True):
-            if w == 1.0 and len(pieces) == 1 and pieces[0].dtype == a.dtype:
-                a.add_(pieces[0])
-                continue
-            assert tmp is not None
-            t = tmp[:n]
-            scaled_into(t, pieces, w)
-            a.add_(t)
-        if acc is not None:
-            o.copy_(a)
-    return out
 
 
 def _combine_numpy(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from gradweight import blocks
 from gradweight import gram as G
 from gradweight.tensors import as_group
 
@@ -85,7 +86,7 @@ def test_gram_and_combine_bfloat16(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_torch_combine_is_the_seed_formula_bit_for_bit(monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
     """CPU float32 tensors, stretches spanning many tensors and cutting some: round(w0 f), then
     round(acc + round(w1 r)), never fused, as the seed's `fw * cat(f) + rw * cat(r)`."""
-    monkeypatch.setattr(G, "CPU_BLOCK", 64)
+    monkeypatch.setattr(blocks, "CPU_BLOCK", 64)
     gen = torch.Generator().manual_seed(3)
     shapes = [(4, 20), (20, 4), (3,), (0,), (50,), (7, 9)]
     f = [torch.randn(s, generator=gen) for s in shapes]

@@ -89,10 +89,14 @@ def test_gram_bound_at_four_million_parameters() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_gram_mode_gram_and_weights_agree_with_full_mode(dtype: torch.dtype) -> None:
-    """The client's numpy gram (gram mode, lanes) and the server's CPU gram (batched GEMMs) sum in
-    different orders; both are within the bound of exact, so the weights agree to 1e-12."""
+    """Gram mode's host gram (numpy lanes for numpy input, the server's batched GEMMs for torch input) and
+    the server's CPU gram are both within the bound of exact, so the weights agree to 1e-12; the lanes
+    (numpy) path sums in another order than the server's, and is checked here too."""
     groups = badly_scaled(dtype, seed=8)
     want = exact_gram(groups)
+    if dtype != torch.bfloat16:  # numpy has no bfloat16
+        host = [as_group([t.numpy() for t in g], "g") for g in groups]
+        assert relative_error(torch.tensor(client_gram.gram(host), dtype=torch.float64), want) <= GRAM_TOL
     local = torch.tensor(client_gram.gram([as_group(g, "g") for g in groups]), dtype=torch.float64)
     assert relative_error(local, want) <= GRAM_TOL
     assert relative_error(gram(groups)[0], want) <= GRAM_TOL

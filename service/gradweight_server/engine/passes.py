@@ -23,11 +23,8 @@ import math
 from collections.abc import Sequence
 
 import torch
-from gradweight.blocks import blocked_gram, chunks, fill, flat_runs
+from gradweight.blocks import CUDA_BLOCK, blocked_combine, blocked_gram, chunks, flat_runs
 from gradweight.gram import TorchLanes, lanes_for, lanes_gram
-
-CPU_BLOCK = 1 << 18
-CUDA_BLOCK = 1 << 21  # also the size of the combine's scratch: 8 MiB of float32 on the GPU
 
 
 def _triu(k: int) -> tuple[list[int], list[int]]:
@@ -64,44 +61,10 @@ def gram(groups: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, torch.
 def combine(
     groups: Sequence[Sequence[torch.Tensor]], weights: Sequence[float], out: torch.Tensor
 ) -> torch.Tensor:
-    """Write `sum_i weights[i] * flat(groups[i])` into the flat `out` once and return it.
-
-    Summed in `out`'s dtype when that is float32 or wider and at least the inputs' width, else in float32
-    (or the inputs' dtype when wider) and rounded once into `out`.
-    """
-    in_dtype = groups[0][0].dtype
-    work = torch.promote_types(torch.promote_types(in_dtype, out.dtype), torch.float32)
-    block = CUDA_BLOCK if out.device.type == "cuda" else CPU_BLOCK
-    runs = [flat_runs(g) for g in groups]
-    size = min(block, out.numel())
-    tmp = torch.empty(size, dtype=work, device=out.device) if len(groups) > 1 else None
-    acc = None if work == out.dtype else torch.empty(size, dtype=work, device=out.device)
-    stage = torch.empty(size, dtype=in_dtype, device=out.device) if in_dtype != work else None
-    for start, n, parts in chunks(runs, block):
-        o = out[start : start + n]
-        a = o if acc is None else acc[:n]
-        _scaled_into(a, parts[0], weights[0], stage)
-        for pieces, w in zip(parts[1:], weights[1:]):
-            if w == 1.0 and len(pieces) == 1 and pieces[0].dtype == a.dtype:
-                a.add_(pieces[0])
-                continue
-            assert tmp is not None
-            t = tmp[:n]
-            _scaled_into(t, pieces, w, stage)
-            a.add_(t)
-        if acc is not None:
-            o.copy_(a)
-    return out
-
-
-def _scaled_into(o: torch.Tensor, pieces: list[torch.Tensor], w: float, stage: torch.Tensor | None) -> None:
-    """o = round(w x), x the pieces end to end: the seed's `w * cat(x)`, in o's dtype."""
-    if len(pieces) == 1 and pieces[0].dtype == o.dtype and w != 1.0:
-        torch.mul(pieces[0], w, out=o)
-        return
-    fill(o, pieces, stage)
-    if w != 1.0:
-        o.mul_(w)
+    """Write `sum_i weights[i] * flat(groups[i])` into the flat `out` once and return it
+    (`gradweight.blocks.blocked_combine`: summed in `out`'s dtype when that is float32 or wider and at
+    least the inputs' width, else in float32 and rounded once into `out`)."""
+    return blocked_combine([flat_runs(g) for g in groups], weights, out)
 
 
 def has_non_finite(t: torch.Tensor) -> bool:
