@@ -23,7 +23,7 @@ from starlette.types import Receive
 
 from .admission import Reservation
 from .body_sink import BodySink
-from .pool import Buffer, BufferPool, Lease
+from .pool import Buffer, BufferPool, Lease, fresh
 
 Lend = Callable[[memoryview, int], BodySink | None]
 
@@ -186,4 +186,4 @@ def _fresh(info: BodyInfo) -> Buffer:
         return bytearray()
     if info.declared <= SMALL_BODY:
         return bytearray(info.declared)
-    return mmap.mmap(-1, info.declared)
+    return fresh(info.declared)
