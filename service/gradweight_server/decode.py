@@ -51,6 +51,9 @@ class Parsed:
     order: list[str] | None = None
     state: Any = None
     n_tensors: int = 0
+    memo: dict[str, Any] | None = None
+    """Derived data shared by every body with the same safetensors header (views.assemble's plan); None
+    when the body's header is not in the layout cache."""
 
 
 def _no_hold(nbytes: int) -> None:
@@ -87,6 +90,7 @@ class _Layout:
     tensors: dict[str, dict[str, Source]]
     metadata: dict[str, str]
     end: int
+    memo: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 class _Layouts:
@@ -141,7 +145,8 @@ def parse_safetensors(
 ) -> Parsed:
     hold(_header_size(buf, max_header))
     layout = LAYOUTS.get(buf, max_header, max_tensors)
-    parsed = Parsed(buf, tensors=layout.tensors, n_tensors=sum(len(g) for g in layout.tensors.values()))
+    n_tensors = sum(len(g) for g in layout.tensors.values())
+    parsed = Parsed(buf, tensors=layout.tensors, n_tensors=n_tensors, memo=layout.memo)
     meta = layout.metadata
     parsed.method = meta.get("method")
     parsed.groups = _group_list(_json_text(meta.get("groups"), "groups"))

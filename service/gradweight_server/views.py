@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from operator import attrgetter
 
 import torch
 from gradweight import wire
@@ -35,52 +36,127 @@ class Assembled:
 
 def assemble(parsed: Parsed, device: torch.device) -> Assembled:
     """Apply the group, key and order rules, then view each tensor in place (or on `device`); `shapes`
-    and `numel` are the first group's."""
-    present = parsed.tensors
-    if parsed.groups is not None:
-        names = parsed.groups
-        missing = [g for g in names if g not in present]
-        if missing:
-            raise InvalidGradients(f"group {missing[0]!r} is listed in `groups` but has no tensors")
-        extra = [g for g in present if g not in names]
-        if extra:
-            raise InvalidGradients(f"tensors of group {extra[0]!r}, which `groups` does not list")
-    else:
-        extra = [g for g in present if g not in PAIR]
-        if extra:
-            raise InvalidGradients(f"group {extra[0]!r} needs the `groups` entry listing every group")
-        names = [g for g in PAIR if g in present]
-    if not names:
-        raise InvalidGradients("no gradients: expected groups 'forget' and 'retain'")
-    for g in names:
-        if not present[g]:
-            raise InvalidGradients(f"group {g!r} is empty")
-    first = present[names[0]]
-    for g in names[1:]:
-        other = present[g]
-        if other.keys() != first.keys():
-            diff = sorted(set(first) ^ set(other))[0]
-            raise InvalidGradients(f"groups {names[0]!r} and {g!r} differ in their keys (e.g. {diff[:80]!r})")
-    keys = _ordered_keys(list(first), parsed.order)
-    dtype = _one_dtype(present, names)
-    shapes = [tuple(first[k].shape) for k in keys]
-    for g in names[1:]:
-        theirs = [tuple(present[g][k].shape) for k in keys]
-        if theirs != shapes:
-            key, a, b = next((k, a, b) for k, a, b in zip(keys, shapes, theirs) if a != b)
-            raise InvalidGradients(f"key {key!r}: shape {b} in group {g!r} differs from {a}")
-    numel = sum(math.prod(s) for s in shapes)
-    if numel == 0:
-        raise InvalidGradients("the gradients have no elements")
-    views = _views(parsed, names, device)
-    groups = {
-        g: [
-            src.reshape(-1).to(device) if isinstance(src, torch.Tensor) else views[src.begin]
-            for src in (present[g][k] for k in keys)
-        ]
-        for g in names
-    }
-    return Assembled(groups, keys, shapes, dtype, numel)
+    and `numel` are the first group's. A body whose header was seen before (`parsed.memo`) reuses the
+    rules' outcome and the cut of its data: only the views are new."""
+    if parsed.memo is not None and device.type == "cpu":
+        plan = parsed.memo.get("plan")
+        if plan is None:
+            plan = parsed.memo["plan"] = _Plan.of(parsed)
+        return plan.assemble(parsed)
+    rules = _Rules.of(parsed)
+    return rules.assembled(parsed, _views(parsed, rules.names, device), device)
+
+
+@dataclass(frozen=True)
+class _Rules:
+    """The outcome of PROTOCOL.md's rules for one body: groups in order, keys in order, shapes, dtype."""
+
+    names: list[str]
+    keys: list[str]
+    shapes: list[tuple[int, ...]]
+    dtype: torch.dtype
+    numel: int
+
+    @classmethod
+    def of(cls, parsed: Parsed) -> _Rules:
+        present = parsed.tensors
+        if parsed.groups is not None:
+            names = parsed.groups
+            missing = [g for g in names if g not in present]
+            if missing:
+                raise InvalidGradients(f"group {missing[0]!r} is listed in `groups` but has no tensors")
+            extra = [g for g in present if g not in names]
+            if extra:
+                raise InvalidGradients(f"tensors of group {extra[0]!r}, which `groups` does not list")
+        else:
+            extra = [g for g in present if g not in PAIR]
+            if extra:
+                raise InvalidGradients(f"group {extra[0]!r} needs the `groups` entry listing every group")
+            names = [g for g in PAIR if g in present]
+        if not names:
+            raise InvalidGradients("no gradients: expected groups 'forget' and 'retain'")
+        for g in names:
+            if not present[g]:
+                raise InvalidGradients(f"group {g!r} is empty")
+        first = present[names[0]]
+        for g in names[1:]:
+            other = present[g]
+            if other.keys() != first.keys():
+                diff = sorted(set(first) ^ set(other))[0]
+                raise InvalidGradients(
+                    f"groups {names[0]!r} and {g!r} differ in their keys (e.g. {diff[:80]!r})"
+                )
+        keys = _ordered_keys(list(first), parsed.order)
+        dtype = _one_dtype(present, names)
+        shapes = [tuple(first[k].shape) for k in keys]
+        for g in names[1:]:
+            theirs = [tuple(present[g][k].shape) for k in keys]
+            if theirs != shapes:
+                key, a, b = next((k, a, b) for k, a, b in zip(keys, shapes, theirs) if a != b)
+                raise InvalidGradients(f"key {key!r}: shape {b} in group {g!r} differs from {a}")
+        numel = sum(math.prod(s) for s in shapes)
+        if numel == 0:
+            raise InvalidGradients("the gradients have no elements")
+        return cls(names, keys, shapes, dtype, numel)
+
+    def assembled(self, parsed: Parsed, views: dict[int, torch.Tensor], device: torch.device) -> Assembled:
+        present = parsed.tensors
+        groups = {
+            g: [
+                src.reshape(-1).to(device) if isinstance(src, torch.Tensor) else views[src.begin]
+                for src in (present[g][k] for k in self.keys)
+            ]
+            for g in self.names
+        }
+        return Assembled(groups, self.keys, self.shapes, self.dtype, self.numel)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A header's rules and the cut of its data, kept with the header (decode's layout cache): a request
+    with the same header makes only its views, one `torch.split` per region. `regions` is None where a
+    region is not aligned to its itemsize (it must be moved first: `_views` does)."""
+
+    rules: _Rules
+    regions: list[tuple[int, int, torch.dtype, list[int]]] | None
+    index: dict[str, list[int]]
+
+    @classmethod
+    def of(cls, parsed: Parsed) -> _Plan:
+        rules = _Rules.of(parsed)
+        spans = sorted(
+            (s for g in rules.names for s in parsed.tensors[g].values() if isinstance(s, Span)),
+            key=attrgetter("begin"),
+        )
+        regions: list[tuple[int, int, torch.dtype, list[int]]] | None = []
+        position: dict[int, int] = {}
+        start = 0
+        for i, span in enumerate(spans):
+            if i + 1 == len(spans) or spans[i + 1].begin != span.end:
+                region = spans[start : i + 1]
+                dtype = TORCH_DTYPES[region[0].dtype]
+                sizes = [(s.end - s.begin) // dtype.itemsize for s in region]
+                if regions is not None and region[0].begin % dtype.itemsize == 0:
+                    regions.append((region[0].begin, span.end, dtype, sizes))
+                else:
+                    regions = None
+                for s in region:
+                    position[s.begin] = len(position)
+                start = i + 1
+        index = {g: [position[parsed.tensors[g][k].begin] for k in rules.keys] for g in rules.names}  # type: ignore[union-attr]
+        return cls(rules, regions, index)
+
+    def assemble(self, parsed: Parsed) -> Assembled:
+        if self.regions is None:
+            cpu = torch.device("cpu")
+            return self.rules.assembled(parsed, _views(parsed, self.rules.names, cpu), cpu)
+        host = torch.frombuffer(parsed.buffer, dtype=torch.uint8)
+        pieces: list[torch.Tensor] = []
+        for begin, end, dtype, sizes in self.regions:
+            pieces.extend(torch.split(host[begin:end].view(dtype), sizes))
+        r = self.rules
+        groups = {g: [pieces[i] for i in self.index[g]] for g in r.names}
+        return Assembled(groups, r.keys, r.shapes, r.dtype, r.numel)
 
 
 def _one_dtype(present: dict[str, dict[str, Source]], names: list[str]) -> torch.dtype:

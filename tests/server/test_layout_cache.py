@@ -9,7 +9,8 @@ import pytest
 import torch
 from gradweight.errors import MalformedBody
 from gradweight.wire import build_header
-from gradweight_server.decode import LAYOUTS, parse_safetensors
+from gradweight_server.decode import LAYOUTS, Parsed, Span, parse_safetensors
+from gradweight_server.views import assemble
 
 
 def body(n_tensors: int = 300, numel: int = 7, method: str = "munba") -> bytearray:
@@ -19,18 +20,18 @@ def body(n_tensors: int = 300, numel: int = 7, method: str = "munba") -> bytearr
     return bytearray(header + data)
 
 
-def parse(buf: bytearray) -> object:
+def parse(buf: bytearray) -> Parsed:
     return parse_safetensors(buf, max_header=1 << 20, max_tensors=10_000)
 
 
 def test_the_same_header_is_parsed_once_and_gives_the_same_spans() -> None:
     a, b = body(), body()
     first, second = parse(a), parse(b)
-    assert first.tensors is second.tensors  # type: ignore[attr-defined]
-    assert second.buffer is b  # type: ignore[attr-defined]
-    assert second.method == json.dumps({"name": "munba"})  # type: ignore[attr-defined]
+    assert first.tensors is second.tensors
+    assert second.buffer is b
+    assert second.method == json.dumps({"name": "munba"})
     other = parse(body(method="simple"))
-    assert other.tensors is not first.tensors  # type: ignore[attr-defined]
+    assert other.tensors is not first.tensors
 
 
 @pytest.mark.parametrize("change", [-4, 4])
@@ -46,3 +47,21 @@ def test_the_cache_is_bounded() -> None:
     for n in range(LAYOUTS.size + 5):
         parse(body(n_tensors=1, numel=n + 1))
     assert len(LAYOUTS._lru) == LAYOUTS.size
+
+
+def test_a_repeated_header_reuses_the_plan_but_views_its_own_bytes() -> None:
+    cpu = torch.device("cpu")
+    a, b = body(n_tensors=12, numel=5), body(n_tensors=12, numel=5)
+    b[-200:] = bytes(range(200))  # other data, same header
+    first = assemble(parse(a), cpu)
+    second = parse(b)
+    assert second.memo is not None
+    assert "plan" in second.memo
+    again = assemble(second, cpu)
+    assert again.keys == first.keys == [str(i) for i in range(12)]
+    assert again.shapes == first.shapes
+    for g in ("forget", "retain"):
+        for x, y, src in zip(first.groups[g], again.groups[g], second.tensors[g].values()):
+            assert isinstance(src, Span)
+            assert x.data_ptr() != y.data_ptr()
+            assert torch.equal(y, torch.frombuffer(b, dtype=torch.float32)[src.begin // 4 : src.end // 4])
