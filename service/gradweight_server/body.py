@@ -11,7 +11,6 @@ A large body of declared length is received straight into the buffer where the s
 from __future__ import annotations
 
 import math
-import mmap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,29 +75,23 @@ async def read_body(
     """The whole body in one leased buffer, read straight from the ASGI channel (no Starlette copies),
     or from the socket by a BodySink when `lend` gives one."""
     lease = pool.reuse(info.declared) if info.declared and info.kind is not BodyKind.JSON else None
+    buf = lease.buffer if lease is not None else _fresh(info)
     try:
         lendable = info.kind is not BodyKind.JSON and (info.declared or 0) >= LEND_FROM
-        if lend is not None and info.declared is not None and lendable:
-            buf = lease.buffer if lease is not None else _fresh(info)
-            view = memoryview(buf)  # the sink's from here on: it releases it
-            sink = lend(view, info.declared)
-            if sink is None:
-                view.release()
-            else:
-                if await _sunk(sink, timeout_s, info.declared / min_rate):
-                    return lease if lease is not None else pool.adopt(buf)
+        sink = lend(memoryview(buf), len(buf)) if lend is not None and lendable else None
+        if sink is not None:
+            if not await _sunk(sink, timeout_s, len(buf) / min_rate):
                 raise _late(timeout_s, min_rate)
-            if lease is None:
-                _close(buf)
-        with anyio.CancelScope() as scope:
-            return await _read(receive, info, reservation, pool, lease, scope, timeout_s, min_rate)
+        else:
+            with anyio.CancelScope() as scope:
+                await _read(receive, info, reservation, buf, scope, timeout_s, min_rate)
+            if scope.cancelled_caught:
+                raise _late(timeout_s, min_rate)
+        return lease if lease is not None else pool.adopt(buf)
     except BaseException:
         if lease is not None:
             lease.close()
         raise
-    if lease is not None:
-        lease.close()
-    raise _late(timeout_s, min_rate)
 
 
 def _late(timeout_s: float, min_rate: int) -> MalformedBody:
@@ -129,25 +122,19 @@ async def _sunk(sink: BodySink, timeout_s: float, transfer_s: float) -> bool:
     return True
 
 
-def _close(buf: Buffer) -> None:
-    if isinstance(buf, mmap.mmap):
-        buf.close()
-
-
 async def _read(
     receive: Receive,
     info: BodyInfo,
     reservation: Reservation,
-    pool: BufferPool,
-    lease: Lease | None,
+    buf: Buffer,
     scope: anyio.CancelScope,
     timeout_s: float,
     min_rate: int,
-) -> Lease:
+) -> None:
+    """The body's ASGI messages into `buf` (a bytearray grown as they come when the length is unknown)."""
     start = anyio.current_time()
     scope.deadline = start + timeout_s
     declared = info.declared
-    buf = lease.buffer if lease is not None else _fresh(info)
     view = memoryview(buf) if len(buf) else None
     pos = 0
     while True:
@@ -176,7 +163,6 @@ async def _read(
         view.release()
     if declared is not None and pos != declared:
         raise MalformedBody(f"body has {pos} bytes but Content-Length said {declared}")
-    return lease if lease is not None else pool.adopt(buf)
 
 
 def _fresh(info: BodyInfo) -> Buffer:
