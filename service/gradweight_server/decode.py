@@ -90,7 +90,14 @@ class _Layout:
     tensors: dict[str, dict[str, Source]]
     metadata: dict[str, str]
     end: int
+    header_bytes: int
+    n_tensors: int
     memo: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def fits(self, size: int, max_header: int, max_tensors: int) -> bool:
+        """Whether this layout holds for a body of `size` bytes under these limits (they may differ from
+        the ones it was parsed under: the cache is the process's)."""
+        return self.end == size and self.header_bytes <= max_header and self.n_tensors <= max_tensors
 
 
 class _Layouts:
@@ -110,7 +117,7 @@ class _Layouts:
                 hit = self._lru.get(key)
                 if hit is not None:
                     self._lru.move_to_end(key)
-            if hit is not None and hit.end == len(buf):
+            if hit is not None and hit.fits(len(buf), max_header, max_tensors):
                 return hit
         layout = _parse_layout(buf, max_header, max_tensors)
         if key is not None:
@@ -134,7 +141,8 @@ def _parse_layout(buf: Buffer, max_header: int, max_tensors: int) -> _Layout:
         if not key:
             raise MalformedBody(f"tensor name {t.name[:80]!r} is not <group>/<key>")
         spans[key] = Span(t.dtype, t.shape, t.begin, t.end)
-    return _Layout(tensors, header.metadata, header.end)
+    n_tensors = len(header.tensors)
+    return _Layout(tensors, header.metadata, header.end, header.data_start - 8, n_tensors)
 
 
 LAYOUTS = _Layouts(size=32, max_bytes=1 << 20)
@@ -145,8 +153,7 @@ def parse_safetensors(
 ) -> Parsed:
     hold(_header_size(buf, max_header))
     layout = LAYOUTS.get(buf, max_header, max_tensors)
-    n_tensors = sum(len(g) for g in layout.tensors.values())
-    parsed = Parsed(buf, tensors=layout.tensors, n_tensors=n_tensors, memo=layout.memo)
+    parsed = Parsed(buf, tensors=layout.tensors, n_tensors=layout.n_tensors, memo=layout.memo)
     meta = layout.metadata
     parsed.method = meta.get("method")
     parsed.groups = _group_list(_json_text(meta.get("groups"), "groups"))

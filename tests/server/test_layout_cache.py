@@ -43,6 +43,15 @@ def test_a_cached_header_on_a_body_of_another_length_is_refused(change: int) -> 
         parse(bad)
 
 
+def test_a_cached_header_is_held_to_the_limits_of_the_request() -> None:
+    good = body(n_tensors=300)
+    parse(good)
+    with pytest.raises(MalformedBody, match="tensors"):
+        parse_safetensors(good, max_header=1 << 20, max_tensors=100)
+    with pytest.raises(MalformedBody, match="header length"):
+        parse_safetensors(good, max_header=1000, max_tensors=10_000)
+
+
 def test_the_cache_is_bounded() -> None:
     for n in range(LAYOUTS.size + 5):
         parse(body(n_tensors=1, numel=n + 1))
