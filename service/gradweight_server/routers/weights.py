@@ -31,16 +31,13 @@ async def weights(
     method: Annotated[str | None, Query(description='Shorthand for {"name": method}')] = None,
 ) -> Response:
     runtime = get_runtime(request)
-    small = len(body.buffer) <= INLINE_BODY
 
     def decode() -> WeightsRequest:
         with body.lease as buf, record.stage("decode"):
             return parse_weights_body(buf, method)
 
-    req = decode() if small else await runtime.compute(decode)
-    record.method = req.spec.name
-
-    def job() -> bytes:
+    def answer(req: WeightsRequest) -> bytes:
+        record.method = req.spec.name
         with record.stage("compute"):
             w, new_state = weights_from_gram(req.spec, req.gram, req.names, req.state)
         doc: dict[str, Any] = {"method": req.spec.model_dump(mode="json"), "weights": w}
@@ -48,5 +45,10 @@ async def weights(
             doc["state"] = json.dumps(new_state, separators=(",", ":"))
         return json.dumps(doc, separators=(",", ":")).encode()
 
-    quick = small and len(req.names) <= INLINE_GROUPS and lookup(req.spec).closed_form
-    return Response(await runtime.compute(job, inline=quick), media_type="application/json")
+    if len(body.buffer) > INLINE_BODY:
+        content = await runtime.compute(lambda: answer(decode()))
+    else:
+        req = decode()  # a few numbers: microseconds on the event loop
+        quick = len(req.names) <= INLINE_GROUPS and lookup(req.spec).closed_form
+        content = await runtime.compute(lambda: answer(req), inline=quick)
+    return Response(content, media_type="application/json")
