@@ -20,6 +20,7 @@ from gradweight.methods import PAIR
 
 from .decode import TORCH_DTYPES, Parsed, Source, Span
 
+Views = dict[tuple[int, int], torch.Tensor]  # each span's tensor by its bytes [begin, end)
 DECIMAL_KEY = re.compile(r"(0|[1-9][0-9]*)\Z")
 
 
@@ -99,11 +100,11 @@ class _Rules:
             raise InvalidGradients("the gradients have no elements")
         return cls(names, keys, shapes, dtype, numel)
 
-    def assembled(self, parsed: Parsed, views: dict[int, torch.Tensor], device: torch.device) -> Assembled:
+    def assembled(self, parsed: Parsed, views: Views, device: torch.device) -> Assembled:
         present = parsed.tensors
         groups = {
             g: [
-                src.reshape(-1).to(device) if isinstance(src, torch.Tensor) else views[src.begin]
+                src.reshape(-1).to(device) if isinstance(src, torch.Tensor) else views[src.begin, src.end]
                 for src in (present[g][k] for k in self.keys)
             ]
             for g in self.names
@@ -129,7 +130,7 @@ class _Plan:
             key=attrgetter("begin"),
         )
         regions: list[tuple[int, int, torch.dtype, list[int]]] | None = []
-        position: dict[int, int] = {}
+        position: dict[tuple[int, int], int] = {}
         start = 0
         for i, span in enumerate(spans):
             if i + 1 == len(spans) or spans[i + 1].begin != span.end:
@@ -141,9 +142,10 @@ class _Plan:
                 else:
                     regions = None
                 for s in region:
-                    position[s.begin] = len(position)
+                    position[s.begin, s.end] = len(position)
                 start = i + 1
-        index = {g: [position[parsed.tensors[g][k].begin] for k in rules.keys] for g in rules.names}  # type: ignore[union-attr]
+        spans_of = parsed.tensors
+        index = {g: [position[_where(spans_of[g][k])] for k in rules.keys] for g in rules.names}
         return cls(rules, regions, index)
 
     def assemble(self, parsed: Parsed) -> Assembled:
@@ -157,6 +159,12 @@ class _Plan:
         r = self.rules
         groups = {g: [pieces[i] for i in self.index[g]] for g in r.names}
         return Assembled(groups, r.keys, r.shapes, r.dtype, r.numel)
+
+
+def _where(src: Source) -> tuple[int, int]:
+    """A span's bytes: the key of its view (`begin` alone is shared by an empty tensor and the next)."""
+    assert isinstance(src, Span)
+    return src.begin, src.end
 
 
 def _one_dtype(present: dict[str, dict[str, Source]], names: list[str]) -> torch.dtype:
@@ -186,8 +194,8 @@ def _dtype_of(src: Source, group: str, key: str) -> torch.dtype:
     return TORCH_DTYPES[src.dtype]
 
 
-def _views(parsed: Parsed, names: list[str], device: torch.device) -> dict[int, torch.Tensor]:
-    """Every span's tensor, keyed by its first byte.
+def _views(parsed: Parsed, names: list[str], device: torch.device) -> Views:
+    """Every span's tensor, keyed by its bytes (begin, end).
 
     Spans that follow each other without a gap form a region (the data of one safetensors file); each region
     is viewed as one typed tensor and cut with one `torch.split`, which makes thousands of views far faster
@@ -209,7 +217,7 @@ def _views(parsed: Parsed, names: list[str], device: torch.device) -> dict[int, 
         shift = spans[0].begin
         data = host[shift : spans[-1].end].to(device)
     movable = memoryview(parsed.buffer) if device.type == "cpu" else None
-    out: dict[int, torch.Tensor] = {}
+    out: Views = {}
     region: list[Span] = []
     floor = 0
     for span in spans:
@@ -222,9 +230,7 @@ def _views(parsed: Parsed, names: list[str], device: torch.device) -> dict[int, 
     return out
 
 
-def _cut(
-    data: torch.Tensor, region: list[Span], shift: int, movable: memoryview | None, floor: int
-) -> dict[int, torch.Tensor]:
+def _cut(data: torch.Tensor, region: list[Span], shift: int, movable: memoryview | None, floor: int) -> Views:
     dtype = TORCH_DTYPES[region[0].dtype]
     begin, end = region[0].begin - shift, region[-1].end - shift
     skew = begin % dtype.itemsize
@@ -237,7 +243,7 @@ def _cut(
         raw = data[begin:end]
     typed = raw.view(dtype)
     sizes = [(s.end - s.begin) // dtype.itemsize for s in region]
-    return dict(zip((s.begin for s in region), torch.split(typed, sizes)))
+    return dict(zip(((s.begin, s.end) for s in region), torch.split(typed, sizes)))
 
 
 def _ordered_keys(keys: list[str], order: list[str] | None) -> list[str]:

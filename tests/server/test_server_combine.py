@@ -377,3 +377,19 @@ def test_multipart_parts_at_any_alignment(live_server, boundary):
     assert resp.status_code == 200, resp.text
     expected, _ = reference({"name": "nash"}, groups)
     assert torch.equal(load_reply(resp.content)[0]["scaled_grad"], expected)
+
+
+@pytest.mark.parametrize("form", ["octet", "multipart"])
+def test_an_empty_tensor_between_others_keeps_its_place(live_server, form):
+    """An empty tensor's bytes begin where the next tensor's do: each view is keyed by its whole span,
+    so the empty key gets an empty view (it once got its neighbour's), sent twice to use the kept plan."""
+    groups = random_groups(11, shapes=((3, 4), (0,), (5,), (0, 2), (2, 2, 2)))
+    expected, weights = reference({"name": "munba"}, groups)
+    for _ in range(2):
+        resp = send(live_server.url, form, groups, {"name": "munba"}, "?layout=params")
+        assert resp.status_code == 200, resp.text
+        tensors, meta = load_reply(resp.content)
+        assert [tuple(tensors[str(i)].shape) for i in range(5)] == [(3, 4), (0,), (5,), (0, 2), (2, 2, 2)]
+        got = torch.cat([tensors[str(i)].reshape(-1) for i in range(5)])
+        assert torch.equal(got, expected)
+        assert json.loads(meta["weights"]) == weights
