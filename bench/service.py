@@ -21,6 +21,7 @@ first request, in a fresh server process per case); then where `ours` spends a r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -29,7 +30,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -159,13 +160,23 @@ def reply_timing(reply: memoryview) -> dict[str, float]:
     return timing
 
 
+@contextlib.contextmanager
+def serving(cmd: list[str], env: dict[str, str], port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """A server subprocess, ready on 127.0.0.1:`port`, stopped on exit."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/readyz", proc)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def bench_server(
     cmd: list[str], env: dict[str, str], body: bytes, repeat: int, port: int, stages: bool = False
 ) -> tuple[float, float, int, dict[str, float]]:
     """(median seconds, peak bytes per request byte, reply length, median stage milliseconds)."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_ready(f"http://127.0.0.1:{port}/readyz", proc)
+    with serving(cmd, env, port) as proc:
         idle = rss(proc.pid, "VmRSS")
         client = HTTPClient(port)
         reply_len = len(client.post("/v1/combine", body))
@@ -179,36 +190,23 @@ def bench_server(
         secs = timed(once, repeat)
         client.close()
         peak = rss(proc.pid, "VmHWM")
-        median = {k: statistics.median(t[k] for t in seen) for k in seen[0]} if seen else {}
-        return secs, (peak - idle) / len(body), reply_len, median
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    median = {k: statistics.median(t[k] for t in seen) for k in seen[0]} if seen else {}
+    return secs, (peak - idle) / len(body), reply_len, median
 
 
 def fixed_costs(repeat: int) -> dict[str, float]:
-    """Median milliseconds of the smallest requests (one-element groups, a 2 x 2 gram) against the same
-    bytes over a bare socket: what a request costs beyond its bytes."""
+    """Median milliseconds of the smallest requests (two one-element tensors per group, a 2 x 2 gram)
+    against the same bytes over a bare socket: what a request costs beyond its bytes."""
     port = free_port()
     env = dict(os.environ, GRADWEIGHT_DEVICE="cpu", GRADWEIGHT_PORT=str(port))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gradweight_server.main"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     tiny = make_body([1, 1])  # two tensors of one element: munba needs two directions
     gram = json.dumps({"method": SPEC, "gram": [[2.0, -0.5], [-0.5, 1.0]]}).encode()
-    try:
-        wait_ready(f"http://127.0.0.1:{port}/readyz", proc)
+    with serving([sys.executable, "-m", "gradweight_server.main"], env, port):
         client = HTTPClient(port)
         combine = timed(lambda: client.post("/v1/combine", tiny), repeat) * 1e3
         weights = timed(lambda: client.post("/v1/weights", gram, "application/json"), repeat) * 1e3
         reply = len(client.post("/v1/combine", tiny))
         client.close()
-    finally:
-        proc.terminate()
-        proc.wait(30)
     return {"combine": combine, "weights": weights, "raw": bench_raw(tiny, reply, repeat) * 1e3}
 
 
