@@ -18,7 +18,7 @@ import httpx
 
 from . import progress as _progress
 from .errors import MalformedReply
-from .tensors import CHUNK_BYTES, Group, dtype_tag, host_bytes
+from .tensors import CHUNK_BYTES, Group, dtype_tag, host_bytes, shape_of
 from .wire import Header, build_header
 
 
@@ -38,7 +38,7 @@ def blobs_of(group_name: str, group: Group) -> list[Blob]:
         Blob(
             f"{group_name}/{k}",
             tags.get(a.dtype) or tags.setdefault(a.dtype, dtype_tag(a)),
-            tuple(a.shape),
+            shape_of(a),
             host_bytes(a),
         )
         for k, a in zip(group.keys, group.arrays, strict=True)
