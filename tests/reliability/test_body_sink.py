@@ -9,6 +9,7 @@ and bytes released, the server still serving). Every socket goes to 127.0.0.1; e
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from typing import Any
@@ -127,6 +128,8 @@ def test_a_stalled_body_times_out_and_frees_what_it_held(make_server: Any) -> No
         started = time.monotonic()
         status, headers, content = reader.response(timeout=20)
         assert status == 400, content[:300]
+        assert headers["content-type"].startswith("application/problem+json")
+        assert json.loads(content)["code"] == "malformed-body"
         assert b"did not arrive in time" in content
         assert headers.get("connection") == "close"
         assert time.monotonic() - started < 15
