@@ -78,7 +78,9 @@ async def combine(
     record: Annotated[RequestRecord, Depends(get_record)],
 ) -> Response:
     runtime = get_runtime(request)
-    content, media = await runtime.compute(lambda: _combine(runtime, body, query, record))
+    content, media = await runtime.compute(
+        lambda: _combine(runtime, body, query, record), nbytes=len(body.buffer)
+    )
     return Response(content, media_type=media)
 
 

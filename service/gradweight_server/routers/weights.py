@@ -46,9 +46,9 @@ async def weights(
         return json.dumps(doc, separators=(",", ":")).encode()
 
     if len(body.buffer) > INLINE_BODY:
-        content = await runtime.compute(lambda: answer(decode()))
+        content = await runtime.compute(lambda: answer(decode()), nbytes=len(body.buffer))
     else:
         req = decode()  # a few numbers: microseconds on the event loop
         quick = len(req.names) <= INLINE_GROUPS and lookup(req.spec).closed_form
-        content = await runtime.compute(lambda: answer(req), inline=quick)
+        content = await runtime.compute(lambda: answer(req), nbytes=len(body.buffer), inline=quick)
     return Response(content, media_type="application/json")

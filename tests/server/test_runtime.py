@@ -1,0 +1,27 @@
+"""The compute thread: a small request's passes run on one torch thread, a large one's on the default."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+from gradweight_server.runtime import PARALLEL_FROM, Runtime
+from gradweight_server.settings import Settings
+
+
+def test_small_requests_compute_on_one_thread_and_large_ones_on_the_default() -> None:
+    default = torch.get_num_threads()
+
+    async def main() -> tuple[int, int, int]:
+        runtime = Runtime(Settings(warmup=False))
+        await runtime.start()
+        try:
+            small = await runtime.compute(torch.get_num_threads, nbytes=PARALLEL_FROM - 1)
+            large = await runtime.compute(torch.get_num_threads, nbytes=PARALLEL_FROM)
+            again = await runtime.compute(torch.get_num_threads, nbytes=10)
+            return small, large, again
+        finally:
+            await runtime.stop()
+
+    assert asyncio.run(main()) == (1, default, 1)
+    assert torch.get_num_threads() == default  # the caller's thread keeps its count
