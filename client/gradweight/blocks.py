@@ -21,6 +21,7 @@ Imported only where torch is installed.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import overload
 
 import torch
 
@@ -35,10 +36,44 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1)
 
 
+class Packed(Sequence[torch.Tensor]):
+    """A group whose tensors lie back to back, in order, in one flat tensor (a request body's group): the
+    passes take `flat` as the group's one run, and the per-tensor flat views are cut (one `torch.split`)
+    only if something asks for them, such as an error naming a key. Cutting 256 views and merging them
+    back cost more than the LoRA step's gram."""
+
+    __slots__ = ("_views", "flat", "sizes")
+
+    def __init__(self, flat: torch.Tensor, sizes: list[int]) -> None:
+        self.flat = flat
+        self.sizes = sizes
+        self._views: tuple[torch.Tensor, ...] | None = None
+
+    def views(self) -> tuple[torch.Tensor, ...]:
+        if self._views is None:
+            self._views = torch.split(self.flat, self.sizes)
+        return self._views
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    @overload
+    def __getitem__(self, i: int) -> torch.Tensor: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[torch.Tensor]: ...
+    def __getitem__(self, i: int | slice) -> torch.Tensor | Sequence[torch.Tensor]:
+        return self.views()[i]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.views())
+
+
 def flat_runs(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """A group's tensors as flat pieces, in order, with consecutive ones that lie back to back in one
     storage merged into one view: a group read from a request body is one piece, so its cost does not grow
     with its tensor count. Empty tensors are dropped."""
+    if isinstance(tensors, Packed):
+        return [tensors.flat] if tensors.flat.numel() else []
     itemsize = tensors[0].element_size()
     sizes = [t.numel() for t in tensors]
     if not all(sizes):

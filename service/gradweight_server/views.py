@@ -8,13 +8,16 @@ dtype to view the bytes as); the engine (`engine/validate.py`) checks the rest, 
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 
 import torch
 from gradweight import wire
+from gradweight.blocks import Packed
 from gradweight.errors import InvalidGradients
 from gradweight.methods import PAIR
 
@@ -28,7 +31,7 @@ DECIMAL_KEY = re.compile(r"(0|[1-9][0-9]*)\Z")
 class Assembled:
     """Groups ready for the engine, and what the reply needs to lay out the result."""
 
-    groups: dict[str, list[torch.Tensor]]
+    groups: dict[str, Sequence[torch.Tensor]]
     keys: list[str]
     shapes: list[tuple[int, ...]]
     dtype: torch.dtype
@@ -102,7 +105,7 @@ class _Rules:
 
     def assembled(self, parsed: Parsed, views: Views, device: torch.device) -> Assembled:
         present = parsed.tensors
-        groups = {
+        groups: dict[str, Sequence[torch.Tensor]] = {
             g: [
                 src.reshape(-1).to(device) if isinstance(src, torch.Tensor) else views[src.begin, src.end]
                 for src in (present[g][k] for k in self.keys)
@@ -121,6 +124,8 @@ class _Plan:
     rules: _Rules
     regions: list[tuple[int, int, torch.dtype, list[int]]] | None
     index: dict[str, list[int]]
+    packed: dict[str, tuple[int, int]] | None  # each group's bytes, where each lies back to back in key order
+    sizes: list[int]
 
     @classmethod
     def of(cls, parsed: Parsed) -> _Plan:
@@ -146,19 +151,37 @@ class _Plan:
                 start = i + 1
         spans_of = parsed.tensors
         index = {g: [position[_where(spans_of[g][k])] for k in rules.keys] for g in rules.names}
-        return cls(rules, regions, index)
+        sizes = [math.prod(shape) for shape in rules.shapes]
+        return cls(rules, regions, index, _packed(parsed, rules) if regions is not None else None, sizes)
 
     def assemble(self, parsed: Parsed) -> Assembled:
         if self.regions is None:
             cpu = torch.device("cpu")
             return self.rules.assembled(parsed, _views(parsed, self.rules.names, cpu), cpu)
         host = torch.frombuffer(parsed.buffer, dtype=torch.uint8)
+        r = self.rules
+        if self.packed is not None:
+            packs: dict[str, Sequence[torch.Tensor]] = {
+                g: Packed(host[b:e].view(r.dtype), self.sizes) for g, (b, e) in self.packed.items()
+            }
+            return Assembled(packs, r.keys, r.shapes, r.dtype, r.numel)
         pieces: list[torch.Tensor] = []
         for begin, end, dtype, sizes in self.regions:
             pieces.extend(torch.split(host[begin:end].view(dtype), sizes))
-        r = self.rules
-        groups = {g: [pieces[i] for i in self.index[g]] for g in r.names}
+        groups: dict[str, Sequence[torch.Tensor]] = {g: [pieces[i] for i in self.index[g]] for g in r.names}
         return Assembled(groups, r.keys, r.shapes, r.dtype, r.numel)
+
+
+def _packed(parsed: Parsed, rules: _Rules) -> dict[str, tuple[int, int]] | None:
+    """Each group's bytes [begin, end) where every group's tensors lie back to back in key order, as
+    gradweight's client sends them; None otherwise."""
+    out: dict[str, tuple[int, int]] = {}
+    for g in rules.names:
+        spans = [_where(parsed.tensors[g][k]) for k in rules.keys]
+        if any(a[1] != b[0] for a, b in itertools.pairwise(spans)):
+            return None
+        out[g] = (spans[0][0], spans[-1][1])
+    return out
 
 
 def _where(src: Source) -> tuple[int, int]:

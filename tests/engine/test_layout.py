@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 import torch
-from gradweight.blocks import chunks, flat_runs
+from gradweight.blocks import Packed, chunks, flat_runs
+from gradweight.errors import InvalidGradients, NonFinite
 from gradweight.methods import Munba, Simple
 from gradweight_server.engine import run
 
@@ -56,6 +57,37 @@ def test_same_bytes_for_every_layout(spec: Any, dtype: torch.dtype) -> None:
         assert got == want, order
     mixed = fingerprint(spec, {"forget": packed(f, list(range(n))), "retain": r})
     assert mixed == want
+    assert fingerprint(spec, {"forget": pack(f), "retain": pack(r)}) == want
+    assert fingerprint(spec, {"forget": pack(f), "retain": [t.reshape(-1) for t in r]}) == want
+
+
+def pack(tensors: list[torch.Tensor]) -> Packed:
+    """The tensors back to back in one flat tensor, as the server's decode hands a request body's group."""
+    return Packed(torch.cat([t.reshape(-1) for t in tensors]), [t.numel() for t in tensors])
+
+
+def test_packed_is_one_run_and_cuts_its_views_only_when_asked() -> None:
+    f = scattered(0)
+    p = pack(f)
+    assert flat_runs(p) == [p.flat]
+    assert p._views is None
+    assert len(p) == len(SHAPES)
+    assert [v.tolist() for v in p] == [t.reshape(-1).tolist() for t in f]
+    assert p[2].data_ptr() == p.flat[sum(t.numel() for t in f[:2]) :].data_ptr()
+
+
+def test_packed_groups_are_checked_and_name_the_culprit() -> None:
+    f, r = scattered(0), scattered(1)
+    other = [t.reshape(-1) for t in r]
+    other[4], other[5] = other[4][:-1], torch.cat([other[5], other[4][-1:]])
+    with pytest.raises(InvalidGradients, match="key '4'"):
+        run(Munba(), {"forget": pack(f), "retain": pack(other)})
+    with pytest.raises(InvalidGradients, match="float"):
+        run(Munba(), {"forget": pack([t.to(torch.int32) for t in f]), "retain": pack(r)})
+    bad = [t.clone() for t in r]
+    bad[7].view(-1)[5] = float("nan")
+    with pytest.raises(NonFinite, match="group 'retain' key '7'"):
+        run(Munba(), {"forget": pack(f), "retain": pack(bad)})
 
 
 def test_a_body_group_is_one_run_and_a_name_ordered_one_is_not() -> None:

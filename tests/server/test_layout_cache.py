@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from gradweight.blocks import Packed
 from gradweight.errors import MalformedBody
 from gradweight.wire import build_header
 from gradweight_server.decode import LAYOUTS, Parsed, Span, parse_safetensors
@@ -74,3 +75,21 @@ def test_a_repeated_header_reuses_the_plan_but_views_its_own_bytes() -> None:
             assert isinstance(src, Span)
             assert x.data_ptr() != y.data_ptr()
             assert torch.equal(y, torch.frombuffer(b, dtype=torch.float32)[src.begin // 4 : src.end // 4])
+
+
+def test_a_client_laid_body_gives_packed_groups_and_another_order_gives_views() -> None:
+    cpu = torch.device("cpu")
+    buf = body(n_tensors=12, numel=5)
+    got = assemble(parse(buf), cpu)
+    data = torch.frombuffer(buf, dtype=torch.float32)[-2 * 12 * 5 :]
+    for i, g in enumerate(("forget", "retain")):
+        group = got.groups[g]
+        assert isinstance(group, Packed)
+        assert torch.equal(group.flat, data[i * 60 : (i + 1) * 60])
+        assert group.flat.data_ptr() == data[i * 60 :].data_ptr()
+    entries = [(f"{g}/{i}", "F32", (5,)) for g in ("forget", "retain") for i in reversed(range(12))]
+    header, _ = build_header(entries, {"method": json.dumps({"name": "munba"})})
+    reordered = bytearray(header + bytes(2 * 12 * 5 * 4))
+    views = assemble(parse(reordered), cpu)
+    assert not isinstance(views.groups["forget"], Packed)
+    assert views.keys == [str(i) for i in range(12)]

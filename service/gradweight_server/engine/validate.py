@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+from gradweight.blocks import Packed
 from gradweight.errors import InvalidGradients
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -16,6 +17,9 @@ def check_groups(groups: Mapping[str, Sequence[torch.Tensor]], keys: Sequence[st
     tensors); the key-by-key search only runs to name the culprit of an error."""
     if not groups:
         raise InvalidGradients("no gradient groups given")
+    packed = _packed_dtype(groups, keys)
+    if packed is not None:
+        return packed
     n_keys = len(keys)
     first = next(iter(groups.values()))
     if len(first) == 0:
@@ -42,6 +46,25 @@ def check_groups(groups: Mapping[str, Sequence[torch.Tensor]], keys: Sequence[st
     if sum(t.numel() for t in first) == 0:
         raise InvalidGradients("the gradients have no elements")
     return dtype
+
+
+def _packed_dtype(groups: Mapping[str, Sequence[torch.Tensor]], keys: Sequence[str]) -> torch.dtype | None:
+    """The dtype of groups that are all `Packed` alike (one float dtype, one device, the same sizes, one
+    per key, some elements): what the server's decode hands over. None for anything else, which
+    `check_groups` checks tensor by tensor."""
+    packs = list(groups.values())
+    head = packs[0]
+    if not all(isinstance(p, Packed) for p in packs) or not isinstance(head, Packed):
+        return None
+    dtype, device, sizes = head.flat.dtype, head.flat.device, head.sizes
+    alike = all(
+        p.flat.dtype == dtype and p.flat.device == device and p.sizes == sizes
+        for p in packs
+        if isinstance(p, Packed)
+    )
+    if alike and dtype in FLOATS and len(sizes) == len(keys) and head.flat.numel() > 0:
+        return dtype
+    return None
 
 
 def _name_dtype_or_device(
