@@ -33,11 +33,8 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import gradweight_server  # noqa: F401  # the OpenMP wait policy before torch loads (engine row too)
 from fastapi import FastAPI, Request, Response
-
-# Before torch loads OpenMP, as the server does (see gradweight_server/__init__.py), so the in-process
-# engine row is measured under the same threading policy as the server.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 N_TENSORS = 100
 SPEC = {"name": "munba"}

@@ -78,11 +78,12 @@ class Runtime:
         answers 503 device-out-of-memory and leaves the server up. An `inline` job (microseconds of work
         on a few numbers) runs on the event loop: the hop to the thread and back would cost more.
 
-        A request of under PARALLEL_FROM bytes (`nbytes`) computes on one torch thread. Its passes are
-        many short operations, and each parallel one wakes the sleeping OpenMP workers (the server's
-        passive wait policy) and waits for the slowest: at 1M parameters one thread measured 3.7-4.0 ms
-        against 4.3-4.7 at two, at 10M and more two threads win (10M: 33 against 40 ms). The bytes do not
-        depend on the thread count."""
+        A request of under PARALLEL_FROM bytes (`nbytes`) computes on one torch thread: a parallel
+        operation waits for its slowest thread, and a descheduled one costs a time slice. On 2 cores, the
+        munba step at 1M parameters took 2.7 ms on two threads against 3.9 on one with the other core
+        idle, but 22 ms against 3.6 with it busy; at 10M, 25 against 39 ms idle and 110 against 43 busy.
+        A small request gains little and risks much; a large one gains most. The bytes do not depend on
+        the thread count."""
         if inline:
             return self._out_of_memory_mapped(job)
         threads = 1 if nbytes < PARALLEL_FROM else self._threads

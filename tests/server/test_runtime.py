@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 
 import torch
 from gradweight_server.runtime import PARALLEL_FROM, Runtime
@@ -25,3 +28,16 @@ def test_small_requests_compute_on_one_thread_and_large_ones_on_the_default() ->
 
     assert asyncio.run(main()) == (1, default, 1)
     assert torch.get_num_threads() == default  # the caller's thread keeps its count
+
+
+def test_the_openmp_wait_policy_is_set_before_torch_unless_the_operator_chose() -> None:
+    code = (
+        "import os, sys; import gradweight_server; "
+        "print(os.environ['OMP_WAIT_POLICY'], os.environ['GOMP_SPINCOUNT'], 'torch' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["PASSIVE", "10000", "False"]
+    env["GOMP_SPINCOUNT"] = "0"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["PASSIVE", "0", "False"]
