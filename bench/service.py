@@ -12,7 +12,9 @@ order). In one run per case:
 It prints median round-trip seconds, GB/s ((request + response bytes) / time), each row's ratio to the
 floor and, for both servers, peak server memory per request byte over idle (VmHWM minus VmRSS before the
 first request, in a fresh server process per case); then where `ours` spends a request, from the reply's
-`timing` (receive, decode, compute, encode; the rest is routing and the reply's send).
+`timing` (receive, decode, compute, encode; the rest is routing and the reply's send). `cores` is the CPU
+time of client and server together per request over its wall time: how many of the machine's cores the
+round trip keeps busy (what an overlap of compute and transfer could use is what is left idle).
 
     .venv/bin/python bench/service.py [--sizes 1e6 1e7 5e7] [--tensors 100] [--no-lora] [--repeat 5]
                                       [--json out.json]
@@ -79,6 +81,22 @@ def rss(pid: int, field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(field)
+
+
+def cpu_s(pid: int | None = None) -> float:
+    """User plus system CPU seconds so far of process `pid`, or of this one."""
+    if pid is None:
+        return time.process_time()
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_cpu(fn: Callable[[], Any], repeat: int, pid: int) -> tuple[float, float]:
+    """(median seconds, CPU seconds per call of this process and `pid` together)."""
+    before = cpu_s() + cpu_s(pid)
+    secs = timed(fn, repeat)
+    return secs, (cpu_s() + cpu_s(pid) - before) / (repeat + 1)
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
@@ -171,8 +189,9 @@ def serving(cmd: list[str], env: dict[str, str], port: int) -> Iterator[subproce
 
 def bench_server(
     cmd: list[str], env: dict[str, str], body: bytes, repeat: int, port: int, stages: bool = False
-) -> tuple[float, float, int, dict[str, float]]:
-    """(median seconds, peak bytes per request byte, reply length, median stage milliseconds)."""
+) -> tuple[float, float, int, dict[str, float], float]:
+    """(median seconds, peak bytes per request byte, reply length, median stage milliseconds, CPU seconds
+    per request of client and server)."""
     with serving(cmd, env, port) as proc:
         idle = rss(proc.pid, "VmRSS")
         client = HTTPClient(port)
@@ -184,11 +203,11 @@ def bench_server(
             if stages:
                 seen.append(reply_timing(reply))
 
-        secs = timed(once, repeat)
+        secs, cpu = timed_cpu(once, repeat, proc.pid)
         client.close()
         peak = rss(proc.pid, "VmHWM")
     median = {k: statistics.median(t[k] for t in seen) for k in seen[0]} if seen else {}
-    return secs, (peak - idle) / len(body), reply_len, median
+    return secs, (peak - idle) / len(body), reply_len, median, cpu
 
 
 def fixed_costs(repeat: int) -> dict[str, float]:
@@ -204,10 +223,11 @@ def fixed_costs(repeat: int) -> dict[str, float]:
         weights = timed(lambda: client.post("/v1/weights", gram, "application/json"), repeat) * 1e3
         reply = len(client.post("/v1/combine", tiny))
         client.close()
-    return {"combine": combine, "weights": weights, "raw": bench_raw(tiny, reply, repeat) * 1e3}
+    return {"combine": combine, "weights": weights, "raw": bench_raw(tiny, reply, repeat)[0] * 1e3}
 
 
-def bench_raw(body: bytes, reply_len: int, repeat: int) -> float:
+def bench_raw(body: bytes, reply_len: int, repeat: int) -> tuple[float, float]:
+    """(median seconds, CPU seconds per round trip of both ends)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, __file__, "--serve-raw", str(port)])
     try:
@@ -230,9 +250,9 @@ def bench_raw(body: bytes, reply_len: int, repeat: int) -> float:
             while pos < reply_len:
                 pos += sock.recv_into(view[pos:])
 
-        secs = timed(once, repeat)
+        result = timed_cpu(once, repeat, proc.pid)
         sock.close()
-        return secs
+        return result
     finally:
         proc.terminate()
         proc.wait(30)
@@ -280,11 +300,12 @@ def naive_app() -> FastAPI:
     return app
 
 
-def bench_engine(body: bytes, repeat: int) -> float:
+def bench_engine(body: bytes, repeat: int) -> tuple[float, float]:
     import torch
     from gradweight.methods import parse_method
     from gradweight_server.decode import parse_safetensors
     from gradweight_server.engine import run
+    from gradweight_server.runtime import PARALLEL_FROM
     from gradweight_server.views import assemble
 
     data = assemble(
@@ -292,7 +313,13 @@ def bench_engine(body: bytes, repeat: int) -> float:
     )
     out = torch.empty(data.numel)
     spec = parse_method(SPEC)
-    return timed(lambda: run(spec, data.groups, keys=data.keys, out=out), repeat)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if len(body) < PARALLEL_FROM else threads)  # as the server's compute thread
+    before = cpu_s()
+    secs = timed(lambda: run(spec, data.groups, keys=data.keys, out=out), repeat)
+    cpu = (cpu_s() - before) / (repeat + 1)
+    torch.set_num_threads(threads)
+    return secs, cpu
 
 
 def main() -> None:
@@ -328,7 +355,7 @@ def main() -> None:
     profiles = []
     print(
         f"{'params/group':>12} {'layout':>12} {'case':>7} {'seconds':>8} {'GB/s':>6} {'x floor':>7} "
-        f"{'B/B':>5} {'vs naive':>8}"
+        f"{'B/B':>5} {'vs naive':>8} {'cores':>5}"
     )
     for layout, sizes in cases:
         numel = sum(sizes)
@@ -347,16 +374,16 @@ def main() -> None:
         naive = bench_server(
             [sys.executable, __file__, "--serve-naive", str(port)], env, body, args.repeat, port
         )
-        raw = bench_raw(body, ours[2], args.repeat)
-        engine = bench_engine(body, args.repeat)
+        raw, raw_cpu = bench_raw(body, ours[2], args.repeat)
+        engine, engine_cpu = bench_engine(body, args.repeat)
         moved = len(body) + ours[2]
         cases_ = {
-            "ours": (ours[0], ours[1]),
-            "naive": (naive[0], naive[1]),
-            "raw": (raw, None),
-            "engine": (engine, None),
+            "ours": (ours[0], ours[1], ours[4]),
+            "naive": (naive[0], naive[1], naive[4]),
+            "raw": (raw, None, raw_cpu),
+            "engine": (engine, None, engine_cpu),
         }
-        for name, (secs, bpb) in cases_.items():
+        for name, (secs, bpb, cpu) in cases_.items():
             row = {
                 "params_per_group": numel,
                 "layout": layout,
@@ -366,12 +393,13 @@ def main() -> None:
                 "x_floor": secs / raw,
                 "bytes_per_request_byte": bpb,
                 "speedup_vs_naive": naive[0] / secs,
+                "cpu_seconds": cpu,
             }
             rows.append(row)
             print(
                 f"{numel:>12,} {layout:>12} {name:>7} {secs:>8.4f} {row['gb_per_s']:>6.2f} "
                 f"{row['x_floor']:>6.2f}x {'' if bpb is None else f'{bpb:.2f}':>5} "
-                f"{row['speedup_vs_naive']:>7.2f}x"
+                f"{row['speedup_vs_naive']:>7.2f}x {cpu / secs:>5.2f}"
             )
         profiles.append((numel, layout, ours[0], ours[3]))
     print("\nwhere `ours` spends a request (median ms; rest = routing, reply header and send):")
