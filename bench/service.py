@@ -10,11 +10,12 @@ order). In one run per case:
 - `naive`: the FastAPI server a user would write first (`await request.body()`, `safetensors.torch.load`,
   the same engine, `safetensors.torch.save`).
 It prints median round-trip seconds, GB/s ((request + response bytes) / time), each row's ratio to the
-floor and, for both servers, peak server memory per request byte over idle (VmHWM minus VmRSS before the
-first request, in a fresh server process per case); then where `ours` spends a request, from the reply's
-`timing` (receive, decode, compute, encode; the rest is routing and the reply's send). `cores` is the CPU
-time of client and server together per request over its wall time: how many of the machine's cores the
-round trip keeps busy (what an overlap of compute and transfer could use is what is left idle).
+floor and, for both servers, peak server memory per request byte over idle (VmHWM minus VmRSS after one
+tiny request, whose one-off costs of a fresh process are not per byte; a fresh server process per case);
+then where `ours` spends a request, from the reply's `timing` (receive, decode, compute, encode; the rest
+is routing and the reply's send). `cores` is the CPU time of client and server together per request over
+its wall time: how many of the machine's cores the round trip keeps busy (what an overlap of compute and
+transfer could use is what is left idle).
 
     .venv/bin/python bench/service.py [--sizes 1e6 1e7 5e7] [--tensors 100] [--no-lora] [--repeat 5]
                                       [--json out.json]
@@ -193,8 +194,9 @@ def bench_server(
     """(median seconds, peak bytes per request byte, reply length, median stage milliseconds, CPU seconds
     per request of client and server)."""
     with serving(cmd, env, port) as proc:
-        idle = rss(proc.pid, "VmRSS")
         client = HTTPClient(port)
+        client.post("/v1/combine", make_body([1, 1]))  # the first request's one-off costs are not per byte
+        idle = rss(proc.pid, "VmRSS")
         reply_len = len(client.post("/v1/combine", body))
         seen: list[dict[str, float]] = []
 
