@@ -44,9 +44,12 @@ def lanes_for(k: int, numel: int, cuda: bool = False) -> int:
 
 def _check(groups: Sequence[Group]) -> None:
     first = groups[0]
+    shapes = [a.shape for a in first.arrays]
     for g in groups[1:]:
         if len(g.arrays) != len(first.arrays):
             raise ValueError("every group needs the same number of tensors")
+        if [a.shape for a in g.arrays] == shapes:  # the usual case, one comparison
+            continue
         for a, b in zip(g.arrays, first.arrays, strict=True):
             if tuple(a.shape) != tuple(b.shape):
                 raise ValueError(f"shape mismatch between groups: {tuple(a.shape)} vs {tuple(b.shape)}")
@@ -143,12 +146,15 @@ def lanes_gram(keys: Iterable[Sequence[Any]], k: int, ops: NumpyLanes | TorchLan
     return upper
 
 
-def gram(groups: Sequence[Group], runs: list[list[Any]] | None = None) -> list[list[float]]:
+def gram(
+    groups: Sequence[Group], runs: list[list[Any]] | None = None, keep: Any | None = None
+) -> list[list[float]]:
     """K[i][j] = <flat(group i), flat(group j)>, exact to float64 rounding; groups share keys and shapes.
 
     numpy arrays are summed by single-threaded numpy on cache-sized lanes: trainers' CPUs are busy, and
     thread pools on many small operations under contention cost far more than they save. `runs`: the
-    groups' `torch_runs`, when the caller has them."""
+    groups' `torch_runs`, when the caller has them; `keep` (CPU torch input): a flat tensor that receives
+    the first group on the way (`blocks.blocked_gram`)."""
     _check(groups)
     k = len(groups)
     a0 = groups[0].arrays[0]
@@ -156,8 +162,10 @@ def gram(groups: Sequence[Group], runs: list[list[Any]] | None = None) -> list[l
     if runs is not None and a0.device.type == "cpu":
         from .blocks import blocked_gram
 
-        with one_thread():
-            upper = blocked_gram(runs).tolist() if runs[0] else [0.0] * (k * (k + 1) // 2)
+        torch = torch_or_none()
+        assert torch is not None
+        with torch.no_grad(), one_thread():
+            upper = blocked_gram(runs, keep).tolist() if runs[0] else [0.0] * (k * (k + 1) // 2)
         return _from_upper(upper, k)
     numel = int(groups[0].numel)
     keys = range(len(groups[0].arrays))
@@ -194,24 +202,40 @@ def one_thread(on: bool = True) -> Iterator[None]:
 
 def torch_runs(groups: Sequence[Group]) -> list[list[Any]] | None:
     """Each group's tensors as flat runs (`blocks.flat_runs`), None for numpy input; torch input must be
-    of one dtype on one device, as the server asks of full mode's. An empty group has no run."""
+    of one dtype on one device, as the server asks of full mode's. An empty group has no run. The runs are
+    views made under `no_grad` (the passes only read them), so nothing needs detaching."""
     a0 = groups[0].arrays[0]
     if not is_torch(a0):
         return None
     from .blocks import flat_runs
 
-    tensor, dtype, device = type(a0), a0.dtype, a0.device
+    torch = torch_or_none()
+    assert torch is not None
+    dtype, device = a0.dtype, a0.device
+    cpu = device.type == "cpu"
     runs: list[list[Any]] = []
     for g in groups:
-        for a in g.arrays:
-            if type(a) is not tensor or a.dtype != dtype or a.device != device:
-                if is_torch(a) and a.dtype == dtype and a.device == device:
-                    continue  # a Parameter or other subclass
-                got = f"{dtype_name(a)} on {device_of(a)}"
-                raise ValueError(f"every gradient needs one dtype on one device: {dtype} on {device}, {got}")
-        live = [a.detach() if a.requires_grad else a for a in g.arrays if a.numel()]
-        runs.append(flat_runs(live) if live else [])
+        odd = [a for a in g.arrays if a.dtype != dtype or (not a.is_cpu if cpu else a.device != device)]
+        if odd:  # a numpy array among tensors fails the dtype test
+            got = f"{dtype_name(odd[0])} on {device_of(odd[0])}"
+            raise ValueError(f"every gradient needs one dtype on one device: {dtype} on {device}, {got}")
+        with torch.no_grad():
+            runs.append(flat_runs(g.arrays) if any(a.numel() for a in g.arrays) else [])
     return runs
+
+
+def kept_output(groups: Sequence[Group], runs: list[list[Any]] | None, dtype: str | None) -> Any | None:
+    """The flat result tensor, allocated for the gram to fill with the first group (`gram(keep=)`) when
+    the combine sums in the inputs' own dtype (CPU float32/float64 torch input, no other output dtype);
+    else None."""
+    torch = torch_or_none()
+    if runs is None or not runs[0] or torch is None:
+        return None
+    a0 = runs[0][0]
+    out_dtype = getattr(torch, dtype) if dtype else a0.dtype
+    if a0.device.type != "cpu" or out_dtype != a0.dtype or a0.dtype not in (torch.float32, torch.float64):
+        return None
+    return torch.empty(sum(p.numel() for p in runs[0]), dtype=a0.dtype)
 
 
 def _from_upper(upper: list[float], k: int) -> list[list[float]]:
@@ -239,10 +263,12 @@ def combine(
     layout: str,
     dtype: str | None,
     runs: list[list[Any]] | None = None,
+    kept: Any | None = None,
 ) -> tuple[Array | None, dict[str, Array]]:
     """sum_i weights[i] * group_i, as one flat vector or one tensor per key (views of one flat vector for
     torch input). Written straight into the output when it has the inputs' dtype; inputs narrower than
-    float32 are summed in float32 and rounded once."""
+    float32 are summed in float32 and rounded once. `kept`: the `kept_output` the gram filled with the
+    first group, which becomes the output (the first group is read from it, scaled in place)."""
     runs = torch_runs(groups) if runs is None else runs
     if runs is None:
         return _combine_numpy(groups, weights, layout=layout, dtype=dtype)
@@ -252,7 +278,11 @@ def combine(
 
     first = groups[0]
     a0 = first.arrays[0]
-    flat = torch.empty(first.numel, dtype=getattr(torch, dtype) if dtype else a0.dtype, device=a0.device)
+    if kept is not None:
+        flat, runs = kept, [[kept], *runs[1:]]
+    else:
+        numel = sum(p.numel() for p in runs[0])
+        flat = torch.empty(numel, dtype=getattr(torch, dtype) if dtype else a0.dtype, device=a0.device)
     if runs[0]:
         with torch.no_grad(), one_thread(a0.device.type == "cpu"):
             blocked_combine(runs, weights, flat)

@@ -58,10 +58,15 @@ class GramPlan:
         """The groups' flat runs (torch input), found once for both passes."""
         return _gram.torch_runs(self.ordered)
 
+    @functools.cached_property
+    def kept(self) -> Any | None:
+        """The result tensor, filled with the first group by the gram pass (`gram.kept_output`)."""
+        return _gram.kept_output(self.ordered, self.runs, self.dtype)
+
     def gram(self) -> list[list[float]]:
         """The gram, refused as the server refuses full mode's when not finite (nothing is sent then):
         `NonFinite` naming a tensor that holds NaN or infinity, else `Degenerate` (a norm overflowed)."""
-        k = _gram.gram(self.ordered, self.runs)
+        k = _gram.gram(self.ordered, self.runs, self.kept)
         if not all(math.isfinite(v) for row in k for v in row):
             for name in self.order:
                 group = self.named[name]
@@ -79,6 +84,7 @@ class GramPlan:
             layout=self.layout,
             dtype=self.dtype,
             runs=self.runs,
+            kept=self.kept,
         )
         t3 = time.perf_counter()
         return CombineResult(
