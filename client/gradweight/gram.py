@@ -224,7 +224,7 @@ def torch_runs(groups: Sequence[Group]) -> list[list[Any]] | None:
     return runs
 
 
-def kept_output(groups: Sequence[Group], runs: list[list[Any]] | None, dtype: str | None) -> Any | None:
+def kept_output(runs: list[list[Any]] | None, dtype: str | None) -> Any | None:
     """The flat result tensor, allocated for the gram to fill with the first group (`gram(keep=)`) when
     the combine sums in the inputs' own dtype (CPU float32/float64 torch input, no other output dtype);
     else None."""

@@ -61,7 +61,7 @@ class GramPlan:
     @functools.cached_property
     def kept(self) -> Any | None:
         """The result tensor, filled with the first group by the gram pass (`gram.kept_output`)."""
-        return _gram.kept_output(self.ordered, self.runs, self.dtype)
+        return _gram.kept_output(self.runs, self.dtype)
 
     def gram(self) -> list[list[float]]:
         """The gram, refused as the server refuses full mode's when not finite (nothing is sent then):
