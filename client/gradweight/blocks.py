@@ -113,10 +113,8 @@ def fill(dst: torch.Tensor, pieces: list[torch.Tensor], stage: torch.Tensor | No
         dst.copy_(s)
 
 
-def blocked_gram(groups: Sequence[Sequence[torch.Tensor]], keep: torch.Tensor | None = None) -> torch.Tensor:
-    """The upper triangle (row by row, float64) of the gram of k groups of flat pieces (`flat_runs`).
-    `keep`, a flat tensor of the first group's size and dtype, receives that group as the pass reads it
-    (gram mode's local combine then reads it from there, not from its scattered tensors again)."""
+def blocked_gram(groups: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+    """The upper triangle (row by row, float64) of the gram of k groups of flat pieces (`flat_runs`)."""
     k = len(groups)
     numel = sum(p.numel() for p in groups[0])
     cap = min(LANES, 1 << ((SCRATCH // k).bit_length() - 1), 1 << max(0, numel - 1).bit_length())
@@ -129,14 +127,9 @@ def blocked_gram(groups: Sequence[Sequence[torch.Tensor]], keep: torch.Tensor | 
     part = torch.empty_like(acc)
     dtype = groups[0][0].dtype
     stage = torch.empty(lanes, dtype=dtype) if dtype != torch.float64 else None
-    for start, n, parts in chunks(groups, lanes):
+    for _, n, parts in chunks(groups, lanes):
         for i, pieces in enumerate(parts):
-            if i == 0 and keep is not None:
-                kept = keep[start : start + n]
-                fill(kept, pieces, None)
-                x[0, :n].copy_(kept)
-            else:
-                fill(x[i, :n], pieces, stage)
+            fill(x[i, :n], pieces, stage)
         if n < lanes:
             x[:, n:].zero_()
         acc.add_(torch.bmm(xb, xt, out=part))

@@ -146,15 +146,12 @@ def lanes_gram(keys: Iterable[Sequence[Any]], k: int, ops: NumpyLanes | TorchLan
     return upper
 
 
-def gram(
-    groups: Sequence[Group], runs: list[list[Any]] | None = None, keep: Any | None = None
-) -> list[list[float]]:
+def gram(groups: Sequence[Group], runs: list[list[Any]] | None = None) -> list[list[float]]:
     """K[i][j] = <flat(group i), flat(group j)>, exact to float64 rounding; groups share keys and shapes.
 
     numpy arrays are summed by single-threaded numpy on cache-sized lanes: trainers' CPUs are busy, and
     thread pools on many small operations under contention cost far more than they save. `runs`: the
-    groups' `torch_runs`, when the caller has them; `keep` (CPU torch input): a flat tensor that receives
-    the first group on the way (`blocks.blocked_gram`)."""
+    groups' `torch_runs`, when the caller has them."""
     _check(groups)
     k = len(groups)
     a0 = groups[0].arrays[0]
@@ -165,7 +162,7 @@ def gram(
         torch = torch_or_none()
         assert torch is not None
         with torch.no_grad(), one_thread():
-            upper = blocked_gram(runs, keep).tolist() if runs[0] else [0.0] * (k * (k + 1) // 2)
+            upper = blocked_gram(runs).tolist() if runs[0] else [0.0] * (k * (k + 1) // 2)
         return _from_upper(upper, k)
     numel = int(groups[0].numel)
     keys = range(len(groups[0].arrays))
@@ -200,10 +197,22 @@ def one_thread(on: bool = True) -> Iterator[None]:
         torch.set_num_threads(n)
 
 
-def torch_runs(groups: Sequence[Group]) -> list[list[Any]] | None:
+def can_copy_first(a0: Array, dtype: str | None) -> bool:
+    """Whether gram mode may sum into a copy of the first group (`torch_runs(copy_first=True)`): CPU
+    float32/float64 tensors, summed and returned in their own dtype."""
+    if not is_torch(a0) or a0.device.type != "cpu":
+        return False
+    name = dtype_name(a0)
+    return name in ("float32", "float64") and dtype in (None, name)
+
+
+def torch_runs(groups: Sequence[Group], *, copy_first: bool = False) -> list[list[Any]] | None:
     """Each group's tensors as flat runs (`blocks.flat_runs`), None for numpy input; torch input must be
     of one dtype on one device, as the server asks of full mode's. An empty group has no run. The runs are
-    views made under `no_grad` (the passes only read them), so nothing needs detaching."""
+    views made under `no_grad` (the passes only read them), so nothing needs detaching.
+
+    `copy_first` (where `can_copy_first`): the first group's run is instead one fresh flat copy of it,
+    made in one call (`_flat_copy`), which gram mode's combine then overwrites with its result."""
     a0 = groups[0].arrays[0]
     if not is_torch(a0):
         return None
@@ -219,23 +228,22 @@ def torch_runs(groups: Sequence[Group]) -> list[list[Any]] | None:
         if odd:  # a numpy array among tensors fails the dtype test
             got = f"{dtype_name(odd[0])} on {device_of(odd[0])}"
             raise ValueError(f"every gradient needs one dtype on one device: {dtype} on {device}, {got}")
+        if not any(a.numel() for a in g.arrays):
+            runs.append([])
+            continue
         with torch.no_grad():
-            runs.append(flat_runs(g.arrays) if any(a.numel() for a in g.arrays) else [])
+            runs.append([_flat_copy(g.arrays)] if copy_first and not runs else flat_runs(g.arrays))
     return runs
 
 
-def kept_output(runs: list[list[Any]] | None, dtype: str | None) -> Any | None:
-    """The flat result tensor, allocated for the gram to fill with the first group (`gram(keep=)`) when
-    the combine sums in the inputs' own dtype (CPU float32/float64 torch input, no other output dtype);
-    else None."""
+def _flat_copy(tensors: list[Any]) -> Any:
+    """The tensors end to end in a new flat tensor: torch's own flatten views and copies them in C++, which
+    at LoRA sizes (256 small tensors) costs half of a Python view per tensor plus a cat."""
     torch = torch_or_none()
-    if runs is None or not runs[0] or torch is None:
-        return None
-    a0 = runs[0][0]
-    out_dtype = getattr(torch, dtype) if dtype else a0.dtype
-    if a0.device.type != "cpu" or out_dtype != a0.dtype or a0.dtype not in (torch.float32, torch.float64):
-        return None
-    return torch.empty(sum(p.numel() for p in runs[0]), dtype=a0.dtype)
+    assert torch is not None
+    if len(tensors) == 1:
+        return tensors[0].reshape(-1).clone()  # flatten would return a view of a single tensor
+    return torch._C._nn.flatten_dense_tensors(tensors)
 
 
 def _from_upper(upper: list[float], k: int) -> list[list[float]]:
@@ -267,8 +275,8 @@ def combine(
 ) -> tuple[Array | None, dict[str, Array]]:
     """sum_i weights[i] * group_i, as one flat vector or one tensor per key (views of one flat vector for
     torch input). Written straight into the output when it has the inputs' dtype; inputs narrower than
-    float32 are summed in float32 and rounded once. `kept`: the `kept_output` the gram filled with the
-    first group, which becomes the output (the first group is read from it, scaled in place)."""
+    float32 are summed in float32 and rounded once. `kept`: the first group's run when it is a fresh copy
+    (`torch_runs(copy_first=True)`); the sum is then written over it in place."""
     runs = torch_runs(groups) if runs is None else runs
     if runs is None:
         return _combine_numpy(groups, weights, layout=layout, dtype=dtype)
@@ -279,7 +287,7 @@ def combine(
     first = groups[0]
     a0 = first.arrays[0]
     if kept is not None:
-        flat, runs = kept, [[kept], *runs[1:]]
+        flat = kept
     else:
         numel = sum(p.numel() for p in runs[0])
         flat = torch.empty(numel, dtype=getattr(torch, dtype) if dtype else a0.dtype, device=a0.device)

@@ -54,19 +54,25 @@ class GramPlan:
         return [self.named[n] for n in self.order]
 
     @functools.cached_property
-    def runs(self) -> list[list[Any]] | None:
-        """The groups' flat runs (torch input), found once for both passes."""
-        return _gram.torch_runs(self.ordered)
+    def copies_first(self) -> bool:
+        """Whether the first group's run is a fresh copy that the combine overwrites with the result."""
+        return _gram.can_copy_first(self.ordered[0].arrays[0], self.dtype)
 
     @functools.cached_property
+    def runs(self) -> list[list[Any]] | None:
+        """The groups' flat runs (torch input), found once for both passes (`gram.torch_runs`)."""
+        return _gram.torch_runs(self.ordered, copy_first=self.copies_first)
+
+    @property
     def kept(self) -> Any | None:
-        """The result tensor, filled with the first group by the gram pass (`gram.kept_output`)."""
-        return _gram.kept_output(self.runs, self.dtype)
+        """The first group's fresh copy (`copies_first`), which becomes the result; else None."""
+        runs = self.runs
+        return runs[0][0] if self.copies_first and runs and runs[0] else None
 
     def gram(self) -> list[list[float]]:
         """The gram, refused as the server refuses full mode's when not finite (nothing is sent then):
         `NonFinite` naming a tensor that holds NaN or infinity, else `Degenerate` (a norm overflowed)."""
-        k = _gram.gram(self.ordered, self.runs, self.kept)
+        k = _gram.gram(self.ordered, self.runs)
         if not all(math.isfinite(v) for row in k for v in row):
             for name in self.order:
                 group = self.named[name]
