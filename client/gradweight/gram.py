@@ -10,7 +10,10 @@ exact relative to sqrt(K_ii K_jj), but only the first shares the server's CPU by
 round in another order).
 The weighted sum is formed locally, on the gradients' own device, straight into the output: torch tensors
 stretch by stretch over their flat runs (a stretch of many small tensors is one cat, then one scale), with
-the server's rounding, so for two groups it is the seed's `fw * cat(f) + rw * cat(r)` bit for bit.
+the server's rounding, so for two groups it is the seed's `fw * cat(f) + rw * cat(r)` bit for bit. For CPU
+float32/float64 tensors gram mode copies the first group once, in one call, into a fresh flat tensor that
+both passes read and the sum then overwrites (`torch_runs(copy_first=True)`): its scattered tensors are
+read once, and only the other groups' tensors are viewed one by one from Python.
 """
 
 from __future__ import annotations
