@@ -20,6 +20,8 @@ Imported only where torch is installed.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Iterator, Sequence
 from typing import overload
 
@@ -109,29 +111,28 @@ def chunks(
 ) -> Iterator[tuple[int, int, list[list[torch.Tensor]]]]:
     """Consecutive stretches of `width` elements of k flat groups (lists of flat pieces of the same total
     length; the pieces' boundaries may differ from group to group): (start, length, each group's pieces
-    covering the stretch). Only pieces cut by a stretch's edge are sliced."""
+    covering the stretch). Only pieces cut by a stretch's edge are sliced; the others are found by
+    bisection, so a stretch costs a few calls, not one per piece."""
     sizes = [[p.numel() for p in g] for g in groups]
-    total = sum(sizes[0])
-    cursor = [[0, 0] for _ in groups]  # per group: the piece, and the offset within it
+    ends = [list(itertools.accumulate(n)) for n in sizes]
+    total = ends[0][-1] if ends[0] else 0
     for start in range(0, total, width):
-        n = min(width, total - start)
-        parts: list[list[torch.Tensor]] = []
-        for pieces, lengths, at in zip(groups, sizes, cursor):
-            i, s = at
-            out, want = [], n
-            while want:
-                left = lengths[i] - s
-                if left <= want:
-                    out.append(pieces[i] if s == 0 else pieces[i][s:])
-                    want -= left
-                    i, s = i + 1, 0
-                else:
-                    out.append(pieces[i][s : s + want])
-                    s += want
-                    want = 0
-            at[0], at[1] = i, s
-            parts.append(out)
-        yield start, n, parts
+        stop = min(start + width, total)
+        yield start, stop - start, [_cover(*g, start, stop) for g in zip(groups, sizes, ends)]
+
+
+def _cover(
+    pieces: Sequence[torch.Tensor], sizes: list[int], ends: list[int], start: int, stop: int
+) -> list[torch.Tensor]:
+    """The pieces, or slices of them, holding elements [start, stop) of their group."""
+    i = bisect.bisect_right(ends, start)
+    j = bisect.bisect_left(ends, stop, i)
+    at_i, at_j = ends[i] - sizes[i], ends[j] - sizes[j]
+    if i == j:
+        return [pieces[i] if stop - start == sizes[i] else pieces[i][start - at_i : stop - at_i]]
+    head = pieces[i] if start == at_i else pieces[i][start - at_i :]
+    tail = pieces[j] if stop == ends[j] else pieces[j][: stop - at_j]
+    return [head, *pieces[i + 1 : j], tail]
 
 
 def fill(dst: torch.Tensor, pieces: list[torch.Tensor], stage: torch.Tensor | None) -> None:

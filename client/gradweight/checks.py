@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -75,16 +75,20 @@ class Expected:
     groups: list[str]
     weights_required: bool
     state_chars: int = 0
+    numel: int = field(init=False)  # of the shapes, summed once: the properties below ask often
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "numel", sum(math.prod(s) for s in self.shapes))
 
     @property
     def entries(self) -> list[tuple[str, tuple[int, ...]]]:
         if self.layout == "flat":
-            return [("scaled_grad", (sum(math.prod(s) for s in self.shapes),))]
+            return [("scaled_grad", (self.numel,))]
         return list(zip(self.keys, self.shapes, strict=True))
 
     @property
     def payload(self) -> int:
-        return sum(math.prod(s) for s in self.shapes) * DTYPES[self.tag][0]
+        return self.numel * DTYPES[self.tag][0]
 
     @property
     def header_cap(self) -> int:

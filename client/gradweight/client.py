@@ -8,6 +8,7 @@ read into one buffer of the size the request implies, checked, and the returned 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
@@ -40,6 +41,10 @@ __all__ = ["DEFAULT_TIMEOUT", "OCTET", "AsyncClient", "Client", "MethodLike", "_
 # Indirections so tests can record backoff instead of sleeping.
 _sleep = time.sleep
 _asleep = asyncio.sleep
+# httpcore writes a request's headers and its body in separate sends: with Nagle's algorithm the body
+# of a small request (gram mode's /v1/weights) can wait for the ACK of the headers, which the server
+# may delay by tens of milliseconds.
+NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 
 
 def _wrap(exc: httpx.HTTPError) -> TransportError:
@@ -65,6 +70,7 @@ class Client(BaseClient):
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         super().__init__(base_url, token=token, timeout=timeout, retries=retries, progress=progress)
+        transport = transport or httpx.HTTPTransport(socket_options=NODELAY)
         self._http = httpx.Client(timeout=self._timeout, transport=transport)
 
     def close(self) -> None:
@@ -188,6 +194,7 @@ class AsyncClient(BaseClient):
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         super().__init__(base_url, token=token, timeout=timeout, retries=retries, progress=progress)
+        transport = transport or httpx.AsyncHTTPTransport(socket_options=NODELAY)
         self._http = httpx.AsyncClient(timeout=self._timeout, transport=transport)
 
     async def aclose(self) -> None:

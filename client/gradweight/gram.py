@@ -10,7 +10,10 @@ exact relative to sqrt(K_ii K_jj), but only the first shares the server's CPU by
 round in another order).
 The weighted sum is formed locally, on the gradients' own device, straight into the output: torch tensors
 stretch by stretch over their flat runs (a stretch of many small tensors is one cat, then one scale), with
-the server's rounding, so for two groups it is the seed's `fw * cat(f) + rw * cat(r)` bit for bit.
+the server's rounding, so for two groups it is the seed's `fw * cat(f) + rw * cat(r)` bit for bit. For CPU
+float32/float64 tensors gram mode copies the first group once, in one call, into a fresh flat tensor that
+both passes read and the sum then overwrites (`torch_runs(copy_first=True)`): its scattered tensors are
+read once, and only the other groups' tensors are viewed one by one from Python.
 """
 
 from __future__ import annotations
@@ -44,9 +47,12 @@ def lanes_for(k: int, numel: int, cuda: bool = False) -> int:
 
 def _check(groups: Sequence[Group]) -> None:
     first = groups[0]
+    shapes = [a.shape for a in first.arrays]
     for g in groups[1:]:
         if len(g.arrays) != len(first.arrays):
             raise ValueError("every group needs the same number of tensors")
+        if [a.shape for a in g.arrays] == shapes:  # the usual case, one comparison
+            continue
         for a, b in zip(g.arrays, first.arrays, strict=True):
             if tuple(a.shape) != tuple(b.shape):
                 raise ValueError(f"shape mismatch between groups: {tuple(a.shape)} vs {tuple(b.shape)}")
@@ -156,7 +162,9 @@ def gram(groups: Sequence[Group], runs: list[list[Any]] | None = None) -> list[l
     if runs is not None and a0.device.type == "cpu":
         from .blocks import blocked_gram
 
-        with one_thread():
+        torch = torch_or_none()
+        assert torch is not None
+        with torch.no_grad(), one_thread():
             upper = blocked_gram(runs).tolist() if runs[0] else [0.0] * (k * (k + 1) // 2)
         return _from_upper(upper, k)
     numel = int(groups[0].numel)
@@ -192,26 +200,53 @@ def one_thread(on: bool = True) -> Iterator[None]:
         torch.set_num_threads(n)
 
 
-def torch_runs(groups: Sequence[Group]) -> list[list[Any]] | None:
+def can_copy_first(a0: Array, dtype: str | None) -> bool:
+    """Whether gram mode may sum into a copy of the first group (`torch_runs(copy_first=True)`): CPU
+    float32/float64 tensors, summed and returned in their own dtype."""
+    if not is_torch(a0) or a0.device.type != "cpu":
+        return False
+    name = dtype_name(a0)
+    return name in ("float32", "float64") and dtype in (None, name)
+
+
+def torch_runs(groups: Sequence[Group], *, copy_first: bool = False) -> list[list[Any]] | None:
     """Each group's tensors as flat runs (`blocks.flat_runs`), None for numpy input; torch input must be
-    of one dtype on one device, as the server asks of full mode's. An empty group has no run."""
+    of one dtype on one device, as the server asks of full mode's. An empty group has no run. The runs are
+    views made under `no_grad` (the passes only read them), so nothing needs detaching.
+
+    `copy_first` (where `can_copy_first`): the first group's run is instead one fresh flat copy of it,
+    made in one call (`_flat_copy`), which gram mode's combine then overwrites with its result."""
     a0 = groups[0].arrays[0]
     if not is_torch(a0):
         return None
     from .blocks import flat_runs
 
-    tensor, dtype, device = type(a0), a0.dtype, a0.device
+    torch = torch_or_none()
+    assert torch is not None
+    dtype, device = a0.dtype, a0.device
+    cpu = device.type == "cpu"
     runs: list[list[Any]] = []
     for g in groups:
-        for a in g.arrays:
-            if type(a) is not tensor or a.dtype != dtype or a.device != device:
-                if is_torch(a) and a.dtype == dtype and a.device == device:
-                    continue  # a Parameter or other subclass
-                got = f"{dtype_name(a)} on {device_of(a)}"
-                raise ValueError(f"every gradient needs one dtype on one device: {dtype} on {device}, {got}")
-        live = [a.detach() if a.requires_grad else a for a in g.arrays if a.numel()]
-        runs.append(flat_runs(live) if live else [])
+        odd = [a for a in g.arrays if a.dtype != dtype or (not a.is_cpu if cpu else a.device != device)]
+        if odd:  # a numpy array among tensors fails the dtype test
+            got = f"{dtype_name(odd[0])} on {device_of(odd[0])}"
+            raise ValueError(f"every gradient needs one dtype on one device: {dtype} on {device}, {got}")
+        if not any(a.numel() for a in g.arrays):
+            runs.append([])
+            continue
+        with torch.no_grad():
+            runs.append([_flat_copy(g.arrays)] if copy_first and not runs else flat_runs(g.arrays))
     return runs
+
+
+def _flat_copy(tensors: list[Any]) -> Any:
+    """The tensors end to end in a new flat tensor: torch's own flatten views and copies them in C++, which
+    at LoRA sizes (256 small tensors) costs half of a Python view per tensor plus a cat."""
+    torch = torch_or_none()
+    assert torch is not None
+    if len(tensors) == 1:
+        return tensors[0].reshape(-1).clone()  # flatten would return a view of a single tensor
+    return torch._C._nn.flatten_dense_tensors(tensors)
 
 
 def _from_upper(upper: list[float], k: int) -> list[list[float]]:
@@ -239,10 +274,12 @@ def combine(
     layout: str,
     dtype: str | None,
     runs: list[list[Any]] | None = None,
+    kept: Any | None = None,
 ) -> tuple[Array | None, dict[str, Array]]:
     """sum_i weights[i] * group_i, as one flat vector or one tensor per key (views of one flat vector for
     torch input). Written straight into the output when it has the inputs' dtype; inputs narrower than
-    float32 are summed in float32 and rounded once."""
+    float32 are summed in float32 and rounded once. `kept`: the first group's run when it is a fresh copy
+    (`torch_runs(copy_first=True)`); the sum is then written over it in place."""
     runs = torch_runs(groups) if runs is None else runs
     if runs is None:
         return _combine_numpy(groups, weights, layout=layout, dtype=dtype)
@@ -252,7 +289,11 @@ def combine(
 
     first = groups[0]
     a0 = first.arrays[0]
-    flat = torch.empty(first.numel, dtype=getattr(torch, dtype) if dtype else a0.dtype, device=a0.device)
+    if kept is not None:
+        flat = kept
+    else:
+        numel = sum(p.numel() for p in runs[0])
+        flat = torch.empty(numel, dtype=getattr(torch, dtype) if dtype else a0.dtype, device=a0.device)
     if runs[0]:
         with torch.no_grad(), one_thread(a0.device.type == "cpu"):
             blocked_combine(runs, weights, flat)

@@ -54,9 +54,20 @@ class GramPlan:
         return [self.named[n] for n in self.order]
 
     @functools.cached_property
+    def copies_first(self) -> bool:
+        """Whether the first group's run is a fresh copy that the combine overwrites with the result."""
+        return _gram.can_copy_first(self.ordered[0].arrays[0], self.dtype)
+
+    @functools.cached_property
     def runs(self) -> list[list[Any]] | None:
-        """The groups' flat runs (torch input), found once for both passes."""
-        return _gram.torch_runs(self.ordered)
+        """The groups' flat runs (torch input), found once for both passes (`gram.torch_runs`)."""
+        return _gram.torch_runs(self.ordered, copy_first=self.copies_first)
+
+    @property
+    def kept(self) -> Any | None:
+        """The first group's fresh copy (`copies_first`), which becomes the result; else None."""
+        runs = self.runs
+        return runs[0][0] if self.copies_first and runs and runs[0] else None
 
     def gram(self) -> list[list[float]]:
         """The gram, refused as the server refuses full mode's when not finite (nothing is sent then):
@@ -79,6 +90,7 @@ class GramPlan:
             layout=self.layout,
             dtype=self.dtype,
             runs=self.runs,
+            kept=self.kept,
         )
         t3 = time.perf_counter()
         return CombineResult(

@@ -114,6 +114,10 @@ def host_bytes(a: Array) -> memoryview:
         arr = a if a.dtype.byteorder in "=|<" else a.astype(a.dtype.newbyteorder("<"))
         arr = np.ascontiguousarray(arr)
         return memoryview(arr.reshape(-1).view(np.uint8).data)
+    try:  # the usual case, a CPU tensor in C order that numpy can view: one call
+        return memoryview(a.numpy()).cast("B")
+    except (RuntimeError, TypeError, ValueError):  # needs grad, another device or dtype, strided, empty
+        pass
     t = a.detach() if a.requires_grad else a
     if not t.is_cpu:
         t = t.cpu()

@@ -13,9 +13,12 @@ module does not use, so gradweight never depends on it: this module imports it, 
 when it is missing (`pip install --no-deps vision-unlearning==1.0.0`, plus torch).
 
 Mixed precision: an fp16 step whose loss scale overflowed has inf gradients. Upstream's munba then returns
-NaN and accelerate's GradScaler skips the step; the server would refuse such input (422 non-finite), which
-would end the run. So by default non-finite inputs give a NaN gradient without a request (a warning is
-logged and `nonfinite_steps` counts them); `on_nonfinite="raise"` raises `NonFinite` instead.
+NaN and accelerate's GradScaler skips the step; the server refuses such input (422 non-finite), which
+would end the run. So by default non-finite inputs give a NaN gradient (a warning is logged and
+`nonfinite_steps` counts them); `on_nonfinite="raise"` raises `NonFinite` instead. The check is a pass
+that reads the data anyway: the server's gram in full mode (the rare overflowing step costs its upload),
+the local gram in gram mode; only `none` in gram mode, which must ignore the retain group as upstream does,
+checks the forget group itself.
 """
 
 from __future__ import annotations
@@ -108,9 +111,9 @@ class GradientWeightingMethodRemote(GradientWeightingMethod):  # type: ignore[mi
     ) -> Any:
         """Upstream's signature and result; `accelerator` may be None (then the gradients' device)."""
         forget, retain = list(grads_forget), list(grads_retain)
-        none = self.method.name == "none"  # upstream's none ignores retain
-        # gram mode's local gram finds non-finite inputs (NonFinite) before anything is sent: no pass here
-        if (self.mode == "full" or none) and not _all_finite(forget if none else forget + retain):
+        # The server's gram (full mode) or the local one (gram mode) finds non-finite inputs: no pass here,
+        # except for `none` in gram mode, whose gram would read the retain group that upstream ignores.
+        if self.method.name == "none" and self.mode == "gram" and not _all_finite(forget):
             return self._non_finite(forget, accelerator, "a gradient holds inf or NaN")
         try:
             out = self._weighting().weight_grads(forget, retain, accelerator)

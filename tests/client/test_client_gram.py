@@ -138,3 +138,32 @@ def test_host_passes_run_on_one_thread_and_restore_the_count() -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("shapes", [[(6,)], [(0,), (4, 3), (0, 2), (5,)]])
+def test_gram_mode_sums_into_a_copy_of_the_first_group_never_into_an_input(
+    shapes: list[tuple[int, ...]],
+) -> None:
+    """The first group's run is a fresh copy (one tensor, or several, empty ones among them) that the
+    combine overwrites with the seed's sum; the inputs stay as they were. Other dtypes take no copy."""
+    from gradweight.gram_mode import GramPlan
+    from gradweight.types import WeightsResult
+
+    gen = torch.Generator().manual_seed(5)
+    f = [torch.randn(s, generator=gen) for s in shapes]
+    r = [torch.randn(s, generator=gen) for s in shapes]
+    copies = [t.clone() for t in f + r]
+    named = {"forget": as_group(f, "forget"), "retain": as_group(r, "retain")}
+    plan = GramPlan.of(named, {"name": "munba"}, "flat", None)
+    k = plan.gram()
+    assert plan.kept is not None
+    weights = WeightsResult(method={"name": "munba"}, weights={"retain": 0.25 + 2**-30, "forget": -1.5})
+    got = plan.finish(k, weights, (0.0, 0.0, 0.0)).scaled_grad
+    assert got is plan.kept
+    cat = [torch.cat([t.reshape(-1) for t in g]) for g in (r, f)]
+    want = weights.weights["retain"] * cat[0] + weights.weights["forget"] * cat[1]
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert all(torch.equal(a, b) for a, b in zip(f + r, copies, strict=True))
+    assert GramPlan.of(named, {"name": "munba"}, "flat", "float16").kept is None
+    half = {n: as_group([t.bfloat16() for t in g], n) for n, g in (("forget", f), ("retain", r))}
+    assert GramPlan.of(half, {"name": "munba"}, "flat", None).kept is None

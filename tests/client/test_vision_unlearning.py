@@ -258,7 +258,7 @@ def test_non_finite_gives_a_nan_gradient_and_is_counted(live_server: Any, caplog
         assert out.dtype == torch.float32
         assert torch.isnan(out).all()
         assert m.nonfinite_steps == 1
-        assert m.last is None  # nothing was sent
+        assert m.last is None  # no result: the server (full) or the local gram (gram) refused it
         assert "non-finite" in caplog.text
         forget[1][2, 3] = 1.0
         assert torch.isfinite(m.weight_grads(forget, retain, CPU)).all()
@@ -271,15 +271,13 @@ def test_non_finite_gives_a_nan_gradient_and_is_counted(live_server: Any, caplog
         none.close()
 
 
-@pytest.mark.parametrize(
-    ("mode", "match"), [("full", "inf or NaN"), ("gram", "'retain' key '0' contains NaN")]
-)
-def test_non_finite_can_raise(live_server: Any, mode: str, match: str) -> None:
+@pytest.mark.parametrize("mode", ["full", "gram"])
+def test_non_finite_can_raise(live_server: Any, mode: str) -> None:
     forget, retain = small_pair()
     retain[0][1, 1] = float("nan")
     with (
         Remote(url=live_server.url, method="simple", on_nonfinite="raise", mode=mode) as m,
-        pytest.raises(NonFinite, match=match),
+        pytest.raises(NonFinite, match="'retain' key '0' contains NaN"),
     ):
         m.weight_grads(forget, retain, CPU)
 

@@ -11,9 +11,13 @@ from typing import Any
 
 import pytest
 import torch
+from gradweight import blocks
 from gradweight.blocks import Packed, chunks, flat_runs
 from gradweight.errors import InvalidGradients, NonFinite
+from gradweight.gram_mode import GramPlan
 from gradweight.methods import Munba, Simple
+from gradweight.tensors import as_group
+from gradweight.types import WeightsResult
 from gradweight_server.engine import run
 
 SHAPES = [(4, 320), (320, 4), (7,), (0,), (3, 5, 11), (70_001,), (1,), (2, 64_000), (9, 9), (5,), (6, 2)]
@@ -132,3 +136,65 @@ def test_chunks_cover_every_element_once_in_order(width: int) -> None:
             assert torch.equal(torch.cat(pieces), torch.cat(g)[start : start + n])
         seen += n
     assert seen == total
+
+
+def reference_gram(flats: list[torch.Tensor]) -> list[float]:
+    """The CPU gram's scheme written out plainly (the spec `blocks.blocked_gram` must keep): the groups
+    widened whole, each stretch of `lanes` elements copied into a zeroed k x lanes scratch, one batched
+    GEMM over its blocks of BATCH lanes, the partials added stretch by stretch, then folded pairwise."""
+    k, numel = len(flats), flats[0].numel()
+    cap = min(blocks.LANES, 1 << ((blocks.SCRATCH // k).bit_length() - 1), 1 << (numel - 1).bit_length())
+    lanes = max(blocks.BATCH, cap)
+    count = lanes // blocks.BATCH
+    wide = torch.stack(flats).double()
+    acc = torch.zeros(count, k, k, dtype=torch.float64)
+    for start in range(0, numel, lanes):
+        x = torch.zeros(k, lanes, dtype=torch.float64)
+        n = min(lanes, numel - start)
+        x[:, :n] = wide[:, start : start + n]
+        xb = x.view(k, count, blocks.BATCH).transpose(0, 1)
+        acc += torch.bmm(xb, xb.transpose(1, 2))
+    while count > 1:
+        count //= 2
+        acc[:count] += acc[count : 2 * count]
+    rows, cols = torch.triu_indices(k, k)
+    return [float(v) for v in acc[0][rows, cols]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gram_is_the_reference_scheme_and_gram_mode_has_the_servers_bytes(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, threads: int
+) -> None:
+    """The server's gram, for scattered and body-like groups, is `reference_gram` bit for bit; gram
+    mode's local passes (the gram keeps the first group in the result tensor, the combine scales it in
+    place) give the server's gram and combined gradient bytes, at 1 and 2 threads, inputs untouched."""
+    monkeypatch.setattr(blocks, "LANES", 1 << 12)  # ~50 stretches, cut inside tensors
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        f, r = scattered(0, dtype), scattered(1, dtype)
+        copies = [t.clone() for t in f + r]
+        want = reference_gram([torch.cat([t.reshape(-1) for t in g]) for g in (r, f)])  # munba: retain first
+        outs = [run(Munba(), {"forget": f, "retain": r})]
+        outs.append(
+            run(Munba(), {"forget": packed(f, by_name(len(f))), "retain": packed(r, list(range(len(r))))})
+        )
+        for out in outs:
+            assert [out.gram[i][j] for i in range(2) for j in range(i, 2)] == want
+        plan = GramPlan.of(
+            {"forget": as_group(f, "forget"), "retain": as_group(r, "retain")},
+            {"name": "munba"},
+            "flat",
+            None,
+        )
+        k = plan.gram()
+        assert plan.kept is not None
+        assert k == outs[0].gram
+        weights = WeightsResult(method={"name": "munba"}, weights=outs[0].weights)
+        got = plan.finish(k, weights, (0.0, 0.0, 0.0)).scaled_grad
+        assert got is plan.kept
+        assert got.view(torch.uint8).numpy().tobytes() == outs[0].flat.view(torch.uint8).numpy().tobytes()
+        assert all(torch.equal(a, b) for a, b in zip(f + r, copies, strict=True))
+    finally:
+        torch.set_num_threads(before)
