@@ -14,7 +14,7 @@ from gradweight.blocks import flat_runs
 from gradweight.errors import Degenerate, InvalidGradients, NonFinite
 from gradweight.methods import MethodSpec
 
-from ..pool import HUGE_FROM, fresh
+from ..pool import fresh
 from .methods import aggregate, solve
 from .passes import combine, gram, has_non_finite
 from .validate import check_groups
@@ -115,12 +115,16 @@ def run(
     )
 
 
+HUGE_OUTPUT = 32 << 20  # glibc's largest mmap threshold: below it, freed memory is reused as is
+
+
 def empty(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A new flat output. A large one on the CPU lies on `pool.fresh`'s huge pages: the combine writes it
-    once, and first-touching 200 MB of `torch.empty`'s 4 KiB pages measured 90 ms of a 250 ms step at 50M
-    (45 ms on huge pages)."""
+    """A new flat output. One past HUGE_OUTPUT on the CPU lies on `pool.fresh`'s huge pages: malloc maps
+    such a block afresh every time, and first-touching 200 MB of its 4 KiB pages measured 90 ms of a 250 ms
+    step at 50M (45 ms on huge pages). A smaller one comes from torch: malloc hands back the memory of the
+    last step, already touched (a fresh mapping cost 2 ms of a 4 ms step at 1M)."""
     nbytes = numel * dtype.itemsize
-    if device.type != "cpu" or nbytes < HUGE_FROM:
+    if device.type != "cpu" or nbytes <= HUGE_OUTPUT:
         return torch.empty(numel, dtype=dtype, device=device)
     return torch.frombuffer(fresh(nbytes), dtype=dtype)
 
