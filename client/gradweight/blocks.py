@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Iterator, Sequence
-from typing import overload
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar, overload
 
 import torch
 
@@ -32,6 +34,8 @@ CUDA_BLOCK = 1 << 21  # also the combine's scratch on the GPU: 8 MiB of float32
 LANES = 1 << 16  # k = 2: 1 MiB of float64 scratch; fewer lanes for more groups (SCRATCH)
 SCRATCH = 1 << 17  # lanes x k at most
 BATCH = 1 << 10  # the GEMM's reduction length per block
+SHARE_WIDTH = 1 << 20  # a shared combine's item, in elements
+T = TypeVar("T")
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -148,26 +152,53 @@ def fill(dst: torch.Tensor, pieces: list[torch.Tensor], stage: torch.Tensor | No
         dst.copy_(s)
 
 
-def blocked_gram(groups: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
-    """The upper triangle (row by row, float64) of the gram of k groups of flat pieces (`flat_runs`)."""
+class _GramScratch:
+    """One thread's k x lanes float64 lanes (and the staging for a widening cat) for a stretch's partial."""
+
+    def __init__(self, k: int, lanes: int, dtype: torch.dtype) -> None:
+        self.x = torch.empty(k, lanes, dtype=torch.float64)
+        self.xb = self.x.view(k, lanes // BATCH, BATCH).transpose(0, 1)
+        self.xt = self.xb.transpose(1, 2)
+        self.stage = torch.empty(lanes, dtype=dtype) if dtype != torch.float64 else None
+
+    def partial(self, n: int, parts: list[list[torch.Tensor]], out: torch.Tensor) -> torch.Tensor:
+        """Each block's k x k partial gram of one stretch of `n` elements, into `out`."""
+        for i, pieces in enumerate(parts):
+            fill(self.x[i, :n], pieces, self.stage)
+        if n < self.x.shape[1]:
+            self.x[:, n:].zero_()
+        return torch.bmm(self.xb, self.xt, out=out)
+
+
+def blocked_gram(groups: Sequence[Sequence[torch.Tensor]], threads: int = 1) -> torch.Tensor:
+    """The upper triangle (row by row, float64) of the gram of k groups of flat pieces (`flat_runs`).
+    With `threads` > 1 the stretches' partials are computed by that many threads (`share`) and added in
+    stretch order afterwards, as one thread adds them: the same bytes."""
     k = len(groups)
     numel = sum(p.numel() for p in groups[0])
     cap = min(LANES, 1 << ((SCRATCH // k).bit_length() - 1), 1 << max(0, numel - 1).bit_length())
     lanes = max(BATCH, cap)
     blocks = lanes // BATCH
-    x = torch.empty(k, lanes, dtype=torch.float64)
-    xb = x.view(k, blocks, BATCH).transpose(0, 1)
-    xt = xb.transpose(1, 2)
-    acc = torch.zeros(blocks, k, k, dtype=torch.float64)
-    part = torch.empty_like(acc)
     dtype = groups[0][0].dtype
-    stage = torch.empty(lanes, dtype=dtype) if dtype != torch.float64 else None
-    for _, n, parts in chunks(groups, lanes):
-        for i, pieces in enumerate(parts):
-            fill(x[i, :n], pieces, stage)
-        if n < lanes:
-            x[:, n:].zero_()
-        acc.add_(torch.bmm(xb, xt, out=part))
+    acc = torch.zeros(blocks, k, k, dtype=torch.float64)
+    if threads > 1 and numel > lanes:
+        stretches = list(chunks(groups, lanes))
+        partials = torch.empty(len(stretches), blocks, k, k, dtype=torch.float64)
+        mine = threading.local()
+
+        def one(i: int) -> None:
+            if not hasattr(mine, "scratch"):
+                mine.scratch = _GramScratch(k, lanes, dtype)
+            _, n, parts = stretches[i]
+            mine.scratch.partial(n, parts, partials[i])
+
+        share(range(len(stretches)), one, threads)
+        for p in partials:
+            acc.add_(p)
+    else:
+        scratch, part = _GramScratch(k, lanes, dtype), torch.empty_like(acc)
+        for _, n, parts in chunks(groups, lanes):
+            acc.add_(scratch.partial(n, parts, part))
     width = blocks
     while width > 1:
         half = width // 2
@@ -178,13 +209,18 @@ def blocked_gram(groups: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
 
 
 def blocked_combine(
-    runs: Sequence[Sequence[torch.Tensor]], weights: Sequence[float], out: torch.Tensor
+    runs: Sequence[Sequence[torch.Tensor]], weights: Sequence[float], out: torch.Tensor, threads: int = 1
 ) -> torch.Tensor:
     """Write `sum_i weights[i] * flat(runs[i])` once into the flat tensor `out`, stretch by stretch
     (`blocks.chunks`), as round(w_0 g_0), then round(acc + round(w_i g_i)) for each further group, never
     fused: for two groups the seed's `fw * cat(f) + rw * cat(r)` bit for bit. Summed in `out`'s dtype when
     that is float32 or wider and at least the inputs' width, else in float32 (or the inputs' dtype when
-    wider) and rounded once into `out`."""
+    wider) and rounded once into `out`. With `threads` > 1 on the CPU, that many threads share the
+    stretches (`share`); each element is computed alike wherever it is."""
+    if threads > 1 and out.device.type == "cpu" and out.numel() > SHARE_WIDTH:
+        items = list(chunks(runs, SHARE_WIDTH))
+        share(items, lambda it: blocked_combine(it[2], weights, out[it[0] : it[0] + it[1]]), threads)
+        return out
     in_dtype = runs[0][0].dtype
     work = torch.promote_types(torch.promote_types(in_dtype, out.dtype), torch.float32)
     block = CUDA_BLOCK if out.device.type == "cuda" else CPU_BLOCK
@@ -216,3 +252,61 @@ def blocked_combine(
         if acc is not None:
             o.copy_(a)
     return out
+
+
+_END = object()
+_HELPERS: dict[int, ThreadPoolExecutor] = {}
+_HELPERS_LOCK = threading.Lock()
+
+
+def _helpers(n: int) -> ThreadPoolExecutor:
+    with _HELPERS_LOCK:
+        pool = _HELPERS.get(n)
+        if pool is None:
+            pool = _HELPERS[n] = ThreadPoolExecutor(
+                n, thread_name_prefix="gradweight-pass", initializer=torch.set_num_threads, initargs=(1,)
+            )
+        return pool
+
+
+def share(items: Sequence[T], fn: Callable[[T], object], threads: int) -> None:
+    """`fn` on every item, by the calling thread and `threads - 1` helper threads, each taking the next
+    item when it is free, each running torch on one thread. An OpenMP team meets at every operation, so a
+    descheduled member stalls each one; here it holds back only the item it has. On 2 cores this took the
+    munba step at 10M parameters from 40 ms (two OpenMP threads, passive) to 32, and with the other core
+    busy it stayed at one thread's time where OpenMP's got slower. An error stops the others at their
+    next item and is raised here."""
+    if threads <= 1 or len(items) <= 1:
+        for item in items:
+            fn(item)
+        return
+    lock = threading.Lock()
+    queue = iter(items)
+    failed = threading.Event()
+
+    def work() -> None:
+        while not failed.is_set():
+            with lock:
+                item = next(queue, _END)
+            if item is _END:
+                return
+            try:
+                fn(item)  # type: ignore[arg-type]
+            except BaseException:
+                failed.set()
+                raise
+
+    futures = [_helpers(threads - 1).submit(work) for _ in range(threads - 1)]
+    caller = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        work()
+    finally:
+        torch.set_num_threads(caller)
+        for f in futures:
+            if not f.cancel():
+                f.exception()
+    for f in futures:
+        err = None if f.cancelled() else f.exception()
+        if err is not None:
+            raise err

@@ -78,17 +78,21 @@ class Runtime:
         answers 503 device-out-of-memory and leaves the server up. An `inline` job (microseconds of work
         on a few numbers) runs on the event loop: the hop to the thread and back would cost more.
 
-        A request of under PARALLEL_FROM bytes (`nbytes`) computes on one torch thread: a parallel
-        operation waits for its slowest thread, and a descheduled one costs a time slice. On 2 cores, the
-        munba step at 1M parameters took 2.7 ms on two threads against 3.9 on one with the other core
-        idle, but 22 ms against 3.6 with it busy; at 10M, 25 against 39 ms idle and 110 against 43 busy.
-        A small request gains little and risks much; a large one gains most. The bytes do not depend on
-        the thread count."""
+        A request of under PARALLEL_FROM bytes (`nbytes`) computes on one torch thread (`threads_for`).
+        The bytes do not depend on the thread count."""
         if inline:
             return self._out_of_memory_mapped(job)
-        threads = 1 if nbytes < PARALLEL_FROM else self._threads
+        threads = self.threads_for(nbytes)
         async with self.admission.compute_slot(self.settings.body_timeout_s):
             return await self.in_worker(lambda: self._out_of_memory_mapped(job, threads))
+
+    def threads_for(self, nbytes: int) -> int:
+        """The threads a request of `nbytes` computes on. A parallel operation waits for its slowest
+        thread, and a descheduled one costs a time slice: on 2 cores, with two OpenMP threads and the
+        other core busy, the munba step at 1M parameters took 8.8 ms against 3.1 on one thread. A small
+        request gains little and risks much; a large one's gram and combine share their stretches between
+        threads (`gradweight.blocks.share`), which gains most and degrades to one thread's time."""
+        return 1 if nbytes < PARALLEL_FROM else self._threads
 
     def _out_of_memory_mapped(self, job: Callable[[], T], threads: int | None = None) -> T:
         if threads is not None and torch.get_num_threads() != threads:

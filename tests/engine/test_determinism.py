@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from gradweight import blocks
 from gradweight.methods import MethodSpec, Munba, Nash, Simple, parse_method
 from gradweight_server.engine import run, weights_from_gram
 from gradweight_server.engine.passes import gram
@@ -95,3 +96,36 @@ def test_weights_from_a_gram_are_the_same_in_a_worker_thread() -> None:
     with threads(1):
         there = in_worker(lambda: weights_from_gram(Nash(), k_matrix, names)[0])
     assert here == there
+
+
+@pytest.mark.parametrize(("spec", "k", "dtype"), CASES, ids=lambda v: getattr(v, "name", str(v)))
+def test_passes_shared_between_threads_give_the_same_bytes(
+    spec: MethodSpec, k: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(blocks, "SHARE_WIDTH", 1 << 15)  # several shared combine items, the last one short
+    g = groups(k, dtype)
+    want = fingerprint(spec, g)
+    for n in (2, 3):
+        out = run(spec, g, threads=n)
+        assert (out.weights, out.gram, out.flat.view(torch.uint8).numpy().tobytes()) == want, n
+
+
+def test_share_runs_every_item_once_raises_a_helpers_error_and_restores_the_thread_count() -> None:
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def note(i: int) -> None:
+        with lock:
+            seen.append(i)
+
+    with threads(2):
+        blocks.share(range(500), note, 3)
+        assert torch.get_num_threads() == 2
+    assert sorted(seen) == list(range(500))
+
+    def fail_at_7(i: int) -> None:
+        if i == 7:
+            raise ValueError("item 7")
+
+    with pytest.raises(ValueError, match="item 7"):
+        blocks.share(range(200), fail_at_7, 2)

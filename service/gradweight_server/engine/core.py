@@ -67,8 +67,10 @@ def run(
     out: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     state: Any | None = None,
+    threads: int = 1,
 ) -> Outcome:
-    """Combine the groups' gradients with `spec`'s weights into one flat tensor.
+    """Combine the groups' gradients with `spec`'s weights into one flat tensor; on the CPU `threads`
+    share the gram's and the combine's stretches (the same bytes at any count).
 
     Raises InvalidGradients, NonFinite or Degenerate (gradweight.errors); never returns a non-finite result.
     """
@@ -97,13 +99,13 @@ def run(
     runs = [lead if t is first else flat_runs(t) for t in tensors]
     k_matrix: torch.Tensor | None = None
     if spec.needs_gram:
-        k_matrix, diag = gram(runs)
+        k_matrix, diag = gram(runs, threads)
         if not bool(torch.isfinite(diag).all()):
             _raise_non_finite(ordered, keys, diag)
     w, new_state = solve(spec, k_matrix, names, state)
     weights = [float(v) for v in w]
     active = [(r, wt) for r, wt in zip(runs, weights) if wt != 0.0] or [(runs[0], 0.0)]
-    combine([r for r, _ in active], [wt for _, wt in active], out)
+    combine([r for r, _ in active], [wt for _, wt in active], out, threads)
 
     if k_matrix is None or _may_overflow(k_matrix, weights, out_dtype):
         _check_output(ordered, keys, out)

@@ -32,8 +32,9 @@ def _triu(k: int) -> tuple[list[int], list[int]]:
     return rows, cols
 
 
-def gram(groups: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k x k gram (float64, CPU) of k groups of tensors, and its diagonal (k,).
+def gram(groups: Sequence[Sequence[torch.Tensor]], threads: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k x k gram (float64, CPU) of k groups of tensors, and its diagonal (k,); on the CPU `threads`
+    share its stretches (`gradweight.blocks.share`), with the same bytes.
 
     A NaN or infinity anywhere in a group makes its diagonal entry non-finite: the caller locates it.
     """
@@ -41,7 +42,7 @@ def gram(groups: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, torch.
     runs = [flat_runs(g) for g in groups]
     first = runs[0][0]
     if first.device.type == "cpu":
-        upper = blocked_gram(runs)
+        upper = blocked_gram(runs, threads)
     else:
         numel = sum(p.numel() for p in runs[0])
         keys = (
@@ -59,12 +60,12 @@ def gram(groups: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, torch.
 
 
 def combine(
-    groups: Sequence[Sequence[torch.Tensor]], weights: Sequence[float], out: torch.Tensor
+    groups: Sequence[Sequence[torch.Tensor]], weights: Sequence[float], out: torch.Tensor, threads: int = 1
 ) -> torch.Tensor:
     """Write `sum_i weights[i] * flat(groups[i])` into the flat `out` once and return it
     (`gradweight.blocks.blocked_combine`: summed in `out`'s dtype when that is float32 or wider and at
     least the inputs' width, else in float32 and rounded once into `out`)."""
-    return blocked_combine([flat_runs(g) for g in groups], weights, out)
+    return blocked_combine([flat_runs(g) for g in groups], weights, out, threads)
 
 
 def has_non_finite(t: torch.Tensor) -> bool:

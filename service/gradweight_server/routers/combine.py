@@ -138,7 +138,14 @@ def _json(runtime: Runtime, body: Body, step: _Step, record: RequestRecord) -> b
     parsed = data.numel * len(data.groups) * 8 if body.info.kind is BodyKind.JSON else 0
     record.reservation.resize(len(body.buffer) + parsed + data.numel * step.dtype.itemsize)
     with record.stage("compute"):
-        outcome = run(step.spec, data.groups, keys=data.keys, out_dtype=step.dtype, state=step.state)
+        outcome = run(
+            step.spec,
+            data.groups,
+            keys=data.keys,
+            out_dtype=step.dtype,
+            state=step.state,
+            threads=runtime.threads_for(len(body.buffer)),
+        )
         _sync(device)
     doc = json_reply(
         method=step.spec.model_dump(mode="json"),
@@ -176,7 +183,15 @@ def _octet(
     record.reservation.resize(len(body.buffer) + len(plan.buffer))
     out = plan.out(dtype, data.numel) if device.type == "cpu" else None
     with record.stage("compute"):
-        outcome = run(step.spec, data.groups, keys=data.keys, out=out, out_dtype=dtype, state=step.state)
+        outcome = run(
+            step.spec,
+            data.groups,
+            keys=data.keys,
+            out=out,
+            out_dtype=dtype,
+            state=step.state,
+            threads=runtime.threads_for(len(body.buffer)),
+        )
         _sync(device)
     with record.stage("encode"):
         if out is None:
