@@ -12,7 +12,7 @@ dot products for comparison), and whether the gram and the combined gradient are
 2 threads and in a worker thread.
 
     .venv/bin/python bench/engine.py [--sizes 1e6 1e7 5e7] [--repeat 7] [--device cpu|cuda] [--plot f.png]
-                                     [--no-checks]
+                                     [--no-checks] [--share N]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+SHARE = 1  # `--share N`: `run`'s threads, which share the gram's and the combine's stretches
 IMPLS = ("ours", "ours_into", "ours_body", "ours_body_into", "seed", "torchjd_upgrad")
 
 
@@ -68,10 +69,11 @@ def implementation(name: str, forget: list[torch.Tensor], retain: list[torch.Ten
         if "_body" in name:
             forget, retain = packed(forget), packed(retain)
         groups = {"retain": retain, "forget": forget}
+        threads = SHARE
         if not name.endswith("_into"):
-            return lambda: run(Munba(), groups).flat
+            return lambda: run(Munba(), groups, threads=threads).flat
         out = torch.empty(sum(t.numel() for t in forget), device=forget[0].device)
-        return lambda: run(Munba(), groups, out=out).flat
+        return lambda: run(Munba(), groups, out=out, threads=threads).flat
     if name == "seed":
         return lambda: seed_munba(forget, retain)
     if name == "torchjd_upgrad":
@@ -186,8 +188,11 @@ def main() -> None:
     ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     ap.add_argument("--plot", help="write a PNG of the timings (needs matplotlib)")
     ap.add_argument("--no-checks", action="store_true", help="skip the precision and determinism checks")
+    ap.add_argument("--share", type=int, default=1, help="`run`'s threads for the ours rows (blocks.share)")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global SHARE
+    SHARE = args.share
     if args.case:
         name, numel = args.case.split(":")
         print(json.dumps(measure(name, int(numel), args.tensors, args.repeat, args.device)))
@@ -209,6 +214,8 @@ def main() -> None:
                 str(args.repeat),
                 "--device",
                 args.device,
+                "--share",
+                str(args.share),
             ]
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode != 0:
@@ -219,7 +226,8 @@ def main() -> None:
 
     print(
         f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
-        f"tensors/group={args.tensors} repeat={args.repeat} (median ms; peak extra MiB over inputs)"
+        f"share={args.share} tensors/group={args.tensors} repeat={args.repeat} "
+        "(median ms; peak extra MiB over inputs)"
     )
     header = (
         f"{'params/group':>12} {'impl':>15} {'ms':>9} {'x ours':>7} {'seed/x':>7} {'peak MiB':>9} "
