@@ -35,6 +35,7 @@ LANES = 1 << 16  # k = 2: 1 MiB of float64 scratch; fewer lanes for more groups 
 SCRATCH = 1 << 17  # lanes x k at most
 BATCH = 1 << 10  # the GEMM's reduction length per block
 SHARE_WIDTH = 1 << 20  # a shared combine's item, in elements
+PARTIALS_BYTES = 4 << 20  # a shared gram's partials held at once, before they are added in order
 T = TypeVar("T")
 
 
@@ -172,8 +173,8 @@ class _GramScratch:
 
 def blocked_gram(groups: Sequence[Sequence[torch.Tensor]], threads: int = 1) -> torch.Tensor:
     """The upper triangle (row by row, float64) of the gram of k groups of flat pieces (`flat_runs`).
-    With `threads` > 1 the stretches' partials are computed by that many threads (`share`) and added in
-    stretch order afterwards, as one thread adds them: the same bytes."""
+    With `threads` > 1 the stretches' partials are computed by that many threads (`share`), a window of
+    PARTIALS_BYTES at a time, and added in stretch order, as one thread adds them: the same bytes."""
     k = len(groups)
     numel = sum(p.numel() for p in groups[0])
     cap = min(LANES, 1 << ((SCRATCH // k).bit_length() - 1), 1 << max(0, numel - 1).bit_length())
@@ -183,18 +184,21 @@ def blocked_gram(groups: Sequence[Sequence[torch.Tensor]], threads: int = 1) -> 
     acc = torch.zeros(blocks, k, k, dtype=torch.float64)
     if threads > 1 and numel > lanes:
         stretches = list(chunks(groups, lanes))
-        partials = torch.empty(len(stretches), blocks, k, k, dtype=torch.float64)
+        window = max(threads, PARTIALS_BYTES // (blocks * k * k * 8))
+        partials = torch.empty(min(window, len(stretches)), blocks, k, k, dtype=torch.float64)
         mine = threading.local()
 
         def one(i: int) -> None:
             if not hasattr(mine, "scratch"):
                 mine.scratch = _GramScratch(k, lanes, dtype)
             _, n, parts = stretches[i]
-            mine.scratch.partial(n, parts, partials[i])
+            mine.scratch.partial(n, parts, partials[i % window])
 
-        share(range(len(stretches)), one, threads)
-        for p in partials:
-            acc.add_(p)
+        for start in range(0, len(stretches), window):
+            done = range(start, min(start + window, len(stretches)))
+            share(done, one, threads)
+            for i in done:
+                acc.add_(partials[i % window])
     else:
         scratch, part = _GramScratch(k, lanes, dtype), torch.empty_like(acc)
         for _, n, parts in chunks(groups, lanes):

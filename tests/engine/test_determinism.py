@@ -103,6 +103,7 @@ def test_passes_shared_between_threads_give_the_same_bytes(
     spec: MethodSpec, k: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(blocks, "SHARE_WIDTH", 1 << 15)  # several shared combine items, the last one short
+    monkeypatch.setattr(blocks, "PARTIALS_BYTES", 3 << 11)  # the gram's partials in windows of a few
     g = groups(k, dtype)
     want = fingerprint(spec, g)
     for n in (2, 3):
