@@ -52,16 +52,12 @@ def _packed_dtype(groups: Mapping[str, Sequence[torch.Tensor]], keys: Sequence[s
     """The dtype of groups that are all `Packed` alike (one float dtype, one device, the same sizes, one
     per key, some elements): what the server's decode hands over. None for anything else, which
     `check_groups` checks tensor by tensor."""
-    packs = list(groups.values())
-    head = packs[0]
-    if not all(isinstance(p, Packed) for p in packs) or not isinstance(head, Packed):
+    packs = [p for p in groups.values() if isinstance(p, Packed)]
+    if len(packs) != len(groups):
         return None
+    head = packs[0]
     dtype, device, sizes = head.flat.dtype, head.flat.device, head.sizes
-    alike = all(
-        p.flat.dtype == dtype and p.flat.device == device and p.sizes == sizes
-        for p in packs
-        if isinstance(p, Packed)
-    )
+    alike = all(p.flat.dtype == dtype and p.flat.device == device and p.sizes == sizes for p in packs)
     if alike and dtype in FLOATS and len(sizes) == len(keys) and head.flat.numel() > 0:
         return dtype
     return None
