@@ -2,8 +2,10 @@
 
 A group of gradients is reduced to its flat runs (`flat_runs`): consecutive tensors that lie back to back
 in one storage become one view, so a group read from a request body, or a trainer's flat gradient bucket,
-costs a few calls whatever its tensor count. The groups are then walked in stretches of a fixed width
-(`chunks`); a stretch spanning many small tensors is filled with one `torch.cat`, not one copy per tensor.
+costs a few calls whatever its tensor count (a `Packed` group is one run by construction). The groups are
+then walked in stretches of a fixed width (`chunks`); a stretch spanning many small tensors is filled with
+one `torch.cat`, not one copy per tensor. With `threads` > 1 both passes hand their stretches out to that
+many threads (`share`), with the same bytes as one thread.
 
 `blocked_combine` writes the weighted sum once into a flat output, stretch by stretch, with the seed's
 rounding. `blocked_gram` is the CPU gram: each stretch of the k groups is copied into a k x lanes float64
